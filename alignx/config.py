@@ -1,0 +1,280 @@
+"""The one typed configuration tree of AlignX.
+
+A run is described by one YAML file (``jobs/configs/*.yaml``) plus dotted ``key=value``
+overrides (``train.lora.rank=32``). :func:`load_config` validates the whole tree on the
+driver, before any Ray work starts, and reports every problem at once, naming the key
+and the fix. Workers receive ``cfg.model_dump(mode="json")`` and re-validate it with
+``AlignXConfig.model_validate`` so the config is typed at both ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignx.axes import AXES, Axis
+
+SourceName = Literal["alpaca", "beavertails", "hh_rlhf", "truthfulqa"]
+
+
+class AlignXConfigError(ValueError):
+    """A configuration problem; the message lists every bad key with its fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelCfg(_Section):
+    name: str = Field(
+        "smollm2-135m",
+        description="Registry name (see `alignx models`), a local model directory, or a Hub id.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub (off by default).")
+    max_seq_len: int = Field(512, ge=16, le=32768, description="Longest tokenized example (prompt+answer).")
+
+
+class DataCfg(_Section):
+    data_dir: str | None = Field(
+        None, description="Folder with <source>/<split>.jsonl files; default $ALIGNX_DATA_DIR."
+    )
+    from_hub: bool = Field(
+        False, description="Load from the Hugging Face Hub instead of data_dir (needs internet)."
+    )
+    sources: dict[Axis, SourceName] = Field(
+        default_factory=lambda: {
+            Axis.HELPFULNESS: "alpaca",
+            Axis.HARMLESSNESS: "hh_rlhf",
+            Axis.HONESTY: "truthfulqa",
+        },
+        description="Which source feeds each axis.",
+    )
+    max_train_per_axis: int | None = Field(None, ge=1, description="Cap on training examples per axis.")
+    max_eval_per_axis: int | None = Field(None, ge=1, description="Cap on validation/test examples per axis.")
+    inject: bool = Field(True, description="Inject the axis template (system prompt) before the chat template.")
+    seed: int = Field(0, description="Seed for subsampling and Hub splits.")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataCfg:
+        from alignx.axes import AXIS_SPECS
+
+        bad = [
+            f"data.sources.{a.value}={s!r} (valid: {', '.join(AXIS_SPECS[a].sources)})"
+            for a, s in self.sources.items()
+            if s not in AXIS_SPECS[a].sources
+        ]
+        if bad:
+            raise ValueError("source cannot feed that axis: " + "; ".join(bad))
+        return self
+
+
+class LoraCfg(_Section):
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default: the registry's targets for the model."
+    )
+
+
+class DeepSpeedCfg(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage; 2 is the LoRA default.")
+    torch_adam: bool = Field(True, description="Use torch AdamW inside DeepSpeed (no fused-op JIT compile).")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload the optimizer to CPU (compiles cpu_adam).")
+    gradient_clipping: float = Field(1.0, ge=0)
+
+
+class ScalingCfg(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per axis.")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="Fractional CPUs fit 3 trainers on a laptop.")
+    gpus_per_worker: float = Field(1.0, ge=0)
+
+
+class OptimCfg(_Section):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(4, ge=1, description="Per-worker batch per step.")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+
+
+class TrainCfg(_Section):
+    lora: LoraCfg = LoraCfg()
+    deepspeed: DeepSpeedCfg = DeepSpeedCfg()
+    scaling: ScalingCfg = ScalingCfg()
+    optim: OptimCfg = OptimCfg()
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts Ray Train allows (-1: forever).")
+    eval_batches: int | None = Field(None, ge=1, description="Cap on held-out batches for eval loss.")
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="torch intra-op threads per worker; default: its CPU share, at least 1."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainCfg:
+        if self.scaling.use_gpu and self.deepspeed.offload_optimizer and self.deepspeed.torch_adam:
+            raise ValueError(
+                "train.deepspeed.offload_optimizer=true needs DeepSpeed's CPU Adam: "
+                "set train.deepspeed.torch_adam=false"
+            )
+        return self
+
+
+#: Sections each stage's artifacts depend on (see ``AlignXConfig.stage_hash``).
+_STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("axes", "data"),
+    "train": ("axes", "model", "data", "train", "seed"),
+}
+
+
+class AlignXConfig(_Section):
+    """The whole run: model, data, training (and, as they land, router/serve/eval)."""
+
+    run_dir: str = Field("runs/default", description="Artifacts of this run (set with --run-dir).")
+    axes: list[Axis] = Field(default_factory=lambda: list(AXES), description="Axes to train and route.")
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    train: TrainCfg = TrainCfg()
+    seed: int = 0
+
+    @field_validator("axes")
+    @classmethod
+    def _axes_unique(cls, v: list[Axis]) -> list[Axis]:
+        if not v:
+            raise ValueError("axes must name at least one axis")
+        if len(set(v)) != len(v):
+            raise ValueError(f"axes has duplicates: {[a.value for a in v]}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> AlignXConfig:
+        missing = [a.value for a in self.axes if a not in self.data.sources]
+        if missing:
+            raise ValueError(f"data.sources has no source for axes {missing}")
+        return self
+
+    def config_hash(self) -> str:
+        """Short hash of everything but ``run_dir``: equal hashes mean equal runs."""
+        d = self.model_dump(mode="json")
+        d.pop("run_dir", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of the sections a stage's output depends on (a finished stage with the same
+        hash is not redone by the pipeline)."""
+        d = self.model_dump(mode="json")
+        keep = {k: d[k] for k in _STAGE_SECTIONS[stage]}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _coerce(raw: str) -> Any:
+    """Parse an override value with YAML rules: 3 -> int, true -> bool, [a,b] -> list."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a nested dict (in place) and return it.
+
+    Raises:
+        AlignXConfigError: for an override without ``=`` or that walks into a non-mapping.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise AlignXConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = tree
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise AlignXConfigError(f"override {key!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = _coerce(raw)
+    return tree
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo? see `alignx config --help` or jobs/configs/tiny.yaml)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(tree: dict[str, Any], source: str = "<config>") -> AlignXConfig:
+    """Validate a config dict; raise :class:`AlignXConfigError` listing every problem."""
+    try:
+        return AlignXConfig.model_validate(tree)
+    except ValidationError as err:
+        raise AlignXConfigError(
+            f"{source}: {err.error_count()} problem(s) in the configuration:\n{_format_errors(err)}"
+        ) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    run_dir: str | None = None,
+) -> AlignXConfig:
+    """Read a YAML config, apply overrides and ``run_dir``, validate.
+
+    Args:
+        path: a YAML file; ``None`` starts from the defaults.
+        overrides: dotted ``key=value`` strings, applied in order.
+        run_dir: if given, replaces ``run_dir``.
+
+    Raises:
+        AlignXConfigError: the file is missing, is not a YAML mapping, or fails validation.
+    """
+    tree: dict[str, Any] = {}
+    src = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        src = str(p)
+        if not p.is_file():
+            raise AlignXConfigError(f"config file not found: {p} (shipped configs are in jobs/configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise AlignXConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise AlignXConfigError(f"{p}: the top level must be a mapping of sections")
+        tree = loaded
+    apply_overrides(tree, list(overrides or []))
+    if run_dir is not None:
+        tree["run_dir"] = str(run_dir)
+    cfg = validate_config(tree, src)
+    # Ray workers run in another working directory: pin relative local paths here, on the driver.
+    upd: dict[str, Any] = {"run_dir": _absolute(cfg.run_dir)}
+    if cfg.data.data_dir is not None:
+        upd["data"] = cfg.data.model_copy(update={"data_dir": _absolute(cfg.data.data_dir)})
+    return cfg.model_copy(update=upd)
+
+
+def _absolute(path: str) -> str:
+    """Absolute form of a local path; URIs (``s3://...``) are left alone."""
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())

@@ -1,0 +1,75 @@
+"""Shared fixtures. Nothing here touches a model hub: tiny models are built in-process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
+# Environment for every test and every Ray worker they start (ENVIRONMENT.md explains each).
+_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "DS_ACCELERATOR": "cpu",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_V2_ENABLED": os.environ.get("RAY_TRAIN_V2_ENABLED", "1"),
+}
+for _k, _v in _ENV.items():
+    os.environ.setdefault(_k, _v)
+# A session-private model cache unless the caller chose one (CI reuses ~/.cache/alignx).
+os.environ.setdefault("ALIGNX_CACHE_DIR", tempfile.mkdtemp(prefix="alignx-cache-"))
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, dashboard on loopback for Jobs/Serve)."""
+    import ray
+
+    from alignx.envs import ray_runtime_env_vars
+
+    if not ray.is_initialized():
+        env = ray_runtime_env_vars()
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": env},
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+
+from alignx.axes import Axis, parse_axis
+from alignx.config import AlignXConfig, AlignXConfigError, apply_overrides, load_config
+
+
+def test_defaults_validate_and_hash_is_stable():
+    a, b = AlignXConfig(), AlignXConfig()
+    assert a.config_hash() == b.config_hash()
+    assert a.axes == [Axis.HELPFULNESS, Axis.HARMLESSNESS, Axis.HONESTY]
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["train.lora.rank=32", "train.optim.lr=1e-3", "data.inject=false",
+                             "axes=[honesty]"], run_dir=str(tmp_path / "r"))
+    assert cfg.train.lora.rank == 32
+    assert cfg.train.optim.lr == pytest.approx(1e-3)
+    assert cfg.data.inject is False
+    assert cfg.axes == [Axis.HONESTY]
+    assert cfg.run_dir == str((tmp_path / "r").resolve())
+
+
+def test_all_problems_reported_together_with_key_names(tmp_path):
+    with pytest.raises(AlignXConfigError) as ei:
+        load_config(None, ["train.lora.rnak=4", "train.optim.lr=-1", "model.dtype=fp8"])
+    msg = str(ei.value)
+    assert "3 problem(s)" in msg
+    assert "train.lora.rnak: unknown key" in msg
+    assert "train.optim.lr" in msg and "greater than 0" in msg
+    assert "model.dtype" in msg
+
+
+def test_cross_field_rules_name_the_key():
+    with pytest.raises(AlignXConfigError, match=r"data.sources.honesty='alpaca'"):
+        load_config(None, ["data.sources.honesty=alpaca"])
+    with pytest.raises(AlignXConfigError, match="duplicates"):
+        load_config(None, ["axes=[honesty,honesty]"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(AlignXConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(AlignXConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(AlignXConfigError, match="mapping"):
+        load_config(lst)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(AlignXConfigError, match="key.sub=value"):
+        apply_overrides({}, ["train.lora.rank"])
+    with pytest.raises(AlignXConfigError, match="not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_stage_hash_ignores_unrelated_sections():
+    a = load_config(None, ["data.max_train_per_axis=10"])
+    b = load_config(None, ["data.max_train_per_axis=10", "train.optim.lr=0.5"])
+    assert a.stage_hash("prepare") == b.stage_hash("prepare")
+    assert a.stage_hash("train") != b.stage_hash("train")
+
+
+def test_config_roundtrips_through_worker_dict():
+    cfg = load_config(None, ["train.deepspeed.zero_stage=3"])
+    again = AlignXConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg
+
+
+def test_parse_axis():
+    assert parse_axis("Honesty") is Axis.HONESTY
+    assert f"expert-{Axis.HONESTY}" == "expert-honesty"
+    with pytest.raises(ValueError, match="valid axes"):
+        parse_axis("safety")
