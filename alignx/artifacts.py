@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from alignx.axes import Axis
 
 SPLITS = ("train", "validation", "test")
+_FILE_MODE = 0o644  # mkstemp creates 0600; run directories are shared between users and nodes
 MULTITASK = "multitask"
 
 
@@ -53,6 +54,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -99,6 +101,7 @@ def write_parquet_atomic(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     os.close(fd)
     try:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -72,3 +72,9 @@ def test_parquet_roundtrip(tmp_path):
     rows = [{"uid": "a", "n": 1}, {"uid": "b", "n": 2}]
     write_parquet_atomic(tmp_path / "t.parquet", rows)
     assert read_parquet(tmp_path / "t.parquet") == rows
+
+
+def test_artifacts_are_world_readable(tmp_path):
+    p = write_json_atomic(tmp_path / "m.json", {"a": 1})
+    q = write_parquet_atomic(tmp_path / "t.parquet", [{"a": 1}])
+    assert p.stat().st_mode & 0o777 == 0o644 and q.stat().st_mode & 0o777 == 0o644
