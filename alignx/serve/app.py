@@ -1,0 +1,267 @@
+"""Serving: build the Ray Serve application (the only module that imports ``ray.serve``).
+
+``serve run serve_config.yaml`` (or ``serve deploy``) calls :func:`build_app` with the
+``args:`` of that file, validated as :class:`AppArgs`. It makes one deployment per axis,
+``expert-<axis>`` (:class:`~alignx.serve.expert.AxisExpert` with ``@serve.batch`` applied
+here), and the ingress ``router`` (:class:`~alignx.serve.router.AlignXRouter` behind its
+FastAPI app) bound with the expert handles. Deployment options given here are defaults; the
+``deployments:`` section of the Serve config overrides them (replicas, autoscaling, CPUs).
+
+Serve another run directory without editing the file::
+
+    serve run alignx.serve.app:build_app run_dir=runs/smollm2 config=jobs/configs/smollm2_cpu.yaml \
+        routing_model=mypkg.routing:load
+
+or set ``user_config: {run_dir: ...}`` on the expert deployments and ``serve deploy`` again:
+the experts swap adapters in place without dropping in-flight requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from alignx.axes import Axis
+from alignx.serve.expert import AxisExpert
+from alignx.serve.router import AlignXRouter, RouterSettings, build_router_api, load_routing_model
+
+log = logging.getLogger(__name__)
+
+ROUTER_NAME = "router"
+
+#: Defaults sized for a 2-core laptop; ``serve_config.yaml`` ``deployments:`` overrides them.
+DEFAULT_EXPERT_OPTIONS: dict[str, Any] = {
+    "ray_actor_options": {"num_cpus": 0.2},
+    "max_ongoing_requests": 16,
+    "max_queued_requests": 64,
+    "health_check_period_s": 5.0,
+    "health_check_timeout_s": 30.0,
+}
+DEFAULT_ROUTER_OPTIONS: dict[str, Any] = {
+    "ray_actor_options": {"num_cpus": 0.1},
+    "max_ongoing_requests": 64,
+    "max_queued_requests": 256,
+}
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app` (the ``args:`` of ``serve_config.yaml``).
+
+    The base model comes from ``config`` (an experiment YAML, its ``model`` section and
+    ``axes``) or, without one, from ``model`` (a registry name). Fields the lead may later move
+    into ``AlignXConfig.serve``: everything except ``run_dir``/``config``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_dir: str = Field(description="Run directory with adapters/<axis> (and the router).")
+    config: str | None = Field(None, description="Experiment YAML; its model/axes are used.")
+    model: str | None = Field(None, description="Base model name when no config is given.")
+    axes: list[Axis] | None = Field(None, description="Axes to serve; default: config axes.")
+    encoder: Literal["sentence", "base"] = Field("sentence", description="Router features h(x).")
+    routing_model: str | None = Field(
+        None, description="'module:function' loading the routing model from the run dir; "
+                          "None serves only expert-<axis> models.")
+    policy: Literal["top1", "threshold"] = "top1"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    fallback: Axis = Axis.HARMLESSNESS
+    context_turns: int = Field(0, ge=0, description="Earlier turns the router reads.")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longer prompts get a 400.")
+    default_max_tokens: int = Field(128, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1, description="Larger max_tokens gets a 400.")
+    auth_env: str | None = Field(None, description="Env var holding the bearer API key.")
+    log_prompts: bool = Field(False, description="Put the messages into the request log line.")
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch size per expert replica.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    share_base_weights: bool = Field(
+        True, description="Replicas on a node share one object-store copy of the base weights.")
+    torch_threads: int | None = Field(1, ge=1, description="torch threads per replica.")
+    expert_options: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options for every expert.")
+    router_options: dict[str, Any] = Field(
+        default_factory=dict, description="Serve deployment options for the router.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        if self.config is None and self.model is None:
+            raise ValueError("give config (an experiment YAML) or model (a base model name)")
+        return self
+
+    def model_cfg(self) -> dict[str, Any]:
+        """The base model section (from ``config``, with ``model`` overriding the name)."""
+        if self.config is not None:
+            from alignx.config import load_config
+
+            d = load_config(self.config).model.model_dump()
+        else:
+            d = {}
+        if self.model is not None:
+            d["name"] = self.model
+        return d
+
+    def served_axes(self) -> list[Axis]:
+        if self.axes is not None:
+            return list(self.axes)
+        if self.config is not None:
+            from alignx.config import load_config
+
+            return list(load_config(self.config).axes)
+        from alignx.axes import AXES
+
+        return list(AXES)
+
+    def router_settings(self) -> RouterSettings:
+        """Ingress settings; resolves the API key from ``auth_env``.
+
+        Raises:
+            ValueError: ``auth_env`` is set but the variable is empty or missing.
+        """
+        key = None
+        if self.auth_env:
+            key = os.environ.get(self.auth_env)
+            if not key:
+                raise ValueError(f"auth_env={self.auth_env!r} but that variable is not set "
+                                 "in the router's environment (runtime_env.env_vars)")
+        return RouterSettings(
+            policy=self.policy, threshold=self.threshold, fallback=self.fallback,
+            context_turns=self.context_turns, max_prompt_tokens=self.max_prompt_tokens,
+            default_max_tokens=self.default_max_tokens, max_tokens_limit=self.max_tokens_limit,
+            api_key=key, log_prompts=self.log_prompts)
+
+
+def _merge(defaults: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = {**defaults, **over}
+    if "ray_actor_options" in defaults and "ray_actor_options" in over:
+        out["ray_actor_options"] = {**defaults["ray_actor_options"], **over["ray_actor_options"]}
+    if "autoscaling_config" in out:
+        out.pop("num_replicas", None)
+    return out
+
+
+def deployment_options(args: AppArgs) -> dict[str, dict[str, Any]]:
+    """Resolved Serve options per deployment name (pure; unit-tested without Ray)."""
+    opts = {f"expert-{a.value}": _merge(DEFAULT_EXPERT_OPTIONS, args.expert_options)
+            for a in args.served_axes()}
+    opts[ROUTER_NAME] = _merge(DEFAULT_ROUTER_OPTIONS, args.router_options)
+    return opts
+
+
+# ----------------------------------------------------------------------------- Serve shells
+# Thin subclasses that add what only Serve provides (batching, metrics, the ASGI hook); the
+# logic stays in the plain classes.
+
+
+def _serve_classes() -> tuple[type, type]:
+    from ray import serve
+    from ray.serve.exceptions import BackPressureError
+    from ray.serve.metrics import Counter, Histogram
+
+    class ServedExpert(AxisExpert):
+        def __init__(self, axis: str, args: dict[str, Any]):
+            a = AppArgs.model_validate(args)
+            loader = None
+            if a.share_base_weights:
+                from alignx.config import ModelCfg
+                from alignx.serve.weights import shared_base_loader
+
+                loader = shared_base_loader(ModelCfg(**a.model_cfg()))
+            super().__init__(axis, a.run_dir, a.model_cfg(), a.max_prompt_tokens, loader,
+                             torch_threads=a.torch_threads)
+            self._submit.set_max_batch_size(a.max_batch_size)
+            self._submit.set_batch_wait_timeout_s(a.batch_wait_timeout_s)
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def _submit(self, requests: list[Any]) -> list[Any]:  # type: ignore[override]
+            return await self.generate_batch(requests)
+
+    ms_buckets = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+
+    class RayRouterMetrics:
+        def __init__(self) -> None:
+            self.requests = Counter("alignx_routed_requests", "Requests per expert axis.",
+                                    tag_keys=("axis", "routed", "status"))
+            self.ood = Counter("alignx_ood_requests", "Requests flagged out of distribution.",
+                               tag_keys=("axis",))
+            self.confidence = Histogram(
+                "alignx_routing_confidence", "Routing confidence max p_hat.",
+                boundaries=[0.1 * i for i in range(1, 10)] + [0.95, 0.99], tag_keys=("axis",))
+            self.route_ms = Histogram("alignx_route_latency_ms", "Routing time (features + "
+                                      "router + policy).", boundaries=ms_buckets, tag_keys=("axis",))
+            self.expert_ms = Histogram("alignx_expert_latency_ms", "Expert time (queue + "
+                                       "generation).", boundaries=ms_buckets, tag_keys=("axis",))
+
+        def record(self, *, axis: str, routed: bool, confidence: float | None, ood: bool | None,
+                   route_ms: float, expert_ms: float, status: int) -> None:
+            tags = {"axis": axis}
+            self.requests.inc(1, tags={**tags, "routed": str(routed).lower(), "status": str(status)})
+            if routed:
+                self.route_ms.observe(route_ms, tags=tags)
+                if confidence is not None:
+                    self.confidence.observe(confidence, tags=tags)
+                if ood:
+                    self.ood.inc(1, tags=tags)
+            self.expert_ms.observe(expert_ms, tags=tags)
+
+    class RouterIngress(AlignXRouter):
+        def __init__(self, experts: dict[str, Any], args: dict[str, Any]):
+            a = AppArgs.model_validate(args)
+            from alignx.config import ModelCfg
+            from alignx.modeling import load_tokenizer
+            from alignx.router.features import build_encoder
+
+            if a.torch_threads:
+                import torch
+
+                torch.set_num_threads(a.torch_threads)
+            mcfg = ModelCfg(**a.model_cfg())
+            routing = encoder = None
+            if a.routing_model:
+                routing = load_routing_model(a.run_dir, a.routing_model)
+                encoder = build_encoder(a.encoder, mcfg)
+            super().__init__(experts, routing, encoder, a.router_settings(),
+                             tokenizer=load_tokenizer(mcfg), metrics=RayRouterMetrics(),
+                             overload_errors=(BackPressureError,))
+
+        def __serve_build_asgi_app__(self):  # noqa: ANN204 - Serve's late-bound ingress hook
+            return build_router_api(self)
+
+    return ServedExpert, RouterIngress
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> Any:
+    """Build the AlignX Serve application: ``expert-<axis>`` per axis + the ``router`` ingress.
+
+    Args:
+        args: :class:`AppArgs` or its dict (the ``args:`` of ``serve_config.yaml``).
+
+    Returns:
+        A ``ray.serve.Application`` for ``serve.run`` / ``serve deploy``.
+
+    Raises:
+        pydantic.ValidationError: bad args (names the field).
+        ArtifactNotFoundError: an axis has no adapter in ``run_dir`` (checked before deploying).
+    """
+    from ray import serve
+
+    from alignx.artifacts import ArtifactLayout
+
+    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    layout = ArtifactLayout(a.run_dir)
+    for axis in a.served_axes():  # fail on the driver, not in a replica restart loop
+        layout.load_adapter_manifest(axis)
+    served_expert, router_ingress = _serve_classes()
+    opts = deployment_options(a)
+    log.info("alignx serve: run_dir=%s axes=%s options=%s", layout.root,
+             [x.value for x in a.served_axes()], opts)
+    wire = a.model_dump(mode="json")
+    experts = {
+        axis.value: serve.deployment(served_expert, name=f"expert-{axis.value}",
+                                     **opts[f"expert-{axis.value}"]).bind(axis.value, wire)
+        for axis in a.served_axes()
+    }
+    ingress = serve.deployment(serve.ingress()(router_ingress), name=ROUTER_NAME,
+                               **opts[ROUTER_NAME])
+    return ingress.bind(experts, wire)

@@ -1,0 +1,162 @@
+"""Serving: one copy of the frozen base weights per node, shared by every expert replica.
+
+Three expert deployments that each load the base model hold three copies of the same frozen
+weights. Instead, a detached actor per (node, model) loads the base once and puts its
+parameters and buffers into Ray's object store as numpy arrays; each replica on that node
+``ray.get``\\ s them zero-copy (read-only views of the node's shared memory) and builds its
+model on the ``meta`` device with those arrays as parameters, so only the small LoRA adapter
+is private. The weights are frozen and never written, which is what makes read-only views safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from alignx.config import ModelCfg
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "alignx"
+
+
+def _arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Parameters (tied ones once) and all buffers (persistent or not) as numpy arrays."""
+    out: dict[str, np.ndarray] = {}
+    for name, p in model.named_parameters():  # remove_duplicate=True: tied weights once
+        out[f"p:{name}"] = p.detach().cpu().numpy()
+    for name, b in model.named_buffers():
+        out[f"b:{name}"] = b.detach().cpu().numpy()
+    return out
+
+
+def _release_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise), so the store actor's
+    private memory drops back after the one-time load."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
+
+
+class BaseWeightsStore:
+    """Holds the object-store reference of one base model's weights (a detached Ray actor).
+
+    Args:
+        model_cfg: the ``model`` section as a dict.
+    """
+
+    def __init__(self, model_cfg: dict[str, Any]):
+        import ray
+
+        from alignx.config import ModelCfg
+        from alignx.modeling import load_base
+
+        model, _ = load_base(ModelCfg(**model_cfg), use_gpu=False)
+        arrays = _arrays(model)
+        self.nbytes = int(sum(a.nbytes for a in arrays.values()))
+        self.ref = ray.put(arrays)  # owned by this actor: lives as long as the actor
+        del model, arrays  # the object store holds the only copy now
+        _release_heap()
+        log.info("base weights of %s in the object store (%.1f MB)", model_cfg["name"],
+                 self.nbytes / 2**20)
+
+    def get(self) -> list[Any]:
+        """The reference, wrapped in a list so Ray passes the reference, not the value."""
+        return [self.ref]
+
+    def size(self) -> int:
+        return self.nbytes
+
+
+def _store_name(model_cfg: ModelCfg, node_id: str) -> str:
+    return f"alignx-base-{model_cfg.name.replace('/', '_')}-{model_cfg.dtype}-{node_id[:12]}"
+
+
+def shared_base_loader(model_cfg: ModelCfg):  # noqa: ANN201 - returns a BaseLoader
+    """A ``BaseLoader`` that builds the base model on this node's shared weights.
+
+    Call inside a Ray worker (a Serve replica). The first replica on a node creates the
+    store actor (``get_if_exists`` makes concurrent creation safe).
+
+    Args:
+        model_cfg: the base model section.
+
+    Returns:
+        ``() -> (model, tokenizer)``.
+    """
+
+    def load() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from alignx.modeling import load_tokenizer
+
+        node = ray.get_runtime_context().get_node_id()
+        store = ray.remote(BaseWeightsStore).options(
+            name=_store_name(model_cfg, node), namespace=NAMESPACE, lifetime="detached",
+            get_if_exists=True, num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(model_cfg.model_dump())
+        arrays = ray.get(ray.get(store.get.remote())[0])  # zero-copy numpy views
+        return build_on_arrays(model_cfg, arrays), load_tokenizer(model_cfg)
+
+    return load
+
+
+def build_on_arrays(model_cfg: ModelCfg, arrays: dict[str, np.ndarray]) -> PreTrainedModel:
+    """Build the model skeleton on ``meta`` and make ``arrays`` its parameters and buffers.
+
+    Args:
+        model_cfg: the base model section (for the architecture config).
+        arrays: ``{"p:<param>" | "b:<buffer>": array}`` as written by :class:`BaseWeightsStore`.
+
+    Returns:
+        The frozen model in eval mode; its tensors share memory with ``arrays``.
+
+    Raises:
+        RuntimeError: a parameter or buffer was left on ``meta`` (architecture mismatch).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignx.modeling import resolve_dtype, resolve_model_dir
+
+    path = resolve_model_dir(model_cfg.name)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(model_cfg.dtype, False),
+            trust_remote_code=model_cfg.trust_remote_code)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "array is not writable": these weights are frozen
+        for key, arr in arrays.items():
+            kind, name = key.split(":", 1)
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            t = torch.from_numpy(arr)
+            if kind == "p":
+                mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+            else:
+                mod._buffers[attr] = t
+    model.tie_weights()
+    for mod in model.modules():  # rotary embeddings keep an un-registered copy of inv_freq
+        if isinstance(getattr(mod, "original_inv_freq", None), torch.Tensor) and hasattr(
+                mod, "inv_freq"):
+            mod.original_inv_freq = mod.inv_freq
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"shared weights did not cover {left[:5]} ({len(left)} tensors)")
+    model.requires_grad_(False)
+    model.eval()
+    return model

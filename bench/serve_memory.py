@@ -1,0 +1,159 @@
+"""Serving benchmark: memory of the expert replicas with and without a shared base model.
+
+Deploys the AlignX app on a local Ray node three times and reads the proportional set size
+(PSS, /proc/<pid>/smaps_rollup) of every expert replica process after one request each:
+
+  shared-3   three experts, base weights shared through the object store (share_base_weights)
+  private-1  one expert that loads its own copy (the unit of comparison)
+  private-3  three experts with private copies (the naive layout, for reference)
+
+PSS splits each shared page between the processes mapping it, so it is the right measure of
+what each replica costs on the node. The object store (inside the raylet) also maps the shared
+weights; its share is reported separately, together with the store actor's own PSS.
+
+    python bench/serve_memory.py --model smollm2-135m          # ~4 min on 2 cores
+    python bench/serve_memory.py --model tiny-llama --run-dir runs/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench.serve_memory")
+
+
+def pss_kib(pid: int) -> int:
+    """PSS of one process in KiB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Pss line for pid {pid}")
+
+
+def make_adapters(run_dir: Path, model_name: str) -> Path:
+    """One random LoRA adapter (r=8, q/v) + manifest per axis, as training would leave them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from alignx.artifacts import AdapterManifest, ArtifactLayout, write_json_atomic
+    from alignx.axes import AXES
+    from alignx.config import ModelCfg
+    from alignx.data.templates import DEFAULT_TEMPLATE_IDS
+    from alignx.modeling import load_base
+
+    layout = ArtifactLayout(run_dir)
+    for i, axis in enumerate(AXES):
+        if layout.adapter_manifest(axis).is_file():
+            continue
+        base, _ = load_base(ModelCfg(name=model_name), use_gpu=False)
+        torch.manual_seed(i)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=[
+            "q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+        model.save_pretrained(layout.adapter_dir(axis))
+        write_json_atomic(layout.adapter_manifest(axis), AdapterManifest(
+            name=axis.value, axes=[axis], base_model=model_name,
+            template_ids={axis.value: DEFAULT_TEMPLATE_IDS[axis]}, data_hash="bench",
+            lora={"rank": 8}, zero_stage=2, num_workers=1, steps=0, train_tokens=0,
+            train_loss=None, tokens_per_s=None, train_seconds=0.0, config_hash="bench"))
+    return layout.root
+
+
+def replica_pids(app: str) -> dict[str, list[int]]:
+    from ray.util.state import list_actors
+
+    out: dict[str, list[int]] = {}
+    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        if a.class_name.startswith(f"ServeReplica:{app}:expert-"):
+            out.setdefault(a.class_name.rsplit(":", 1)[1], []).append(a.pid)
+    return out
+
+
+def store_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name == "BaseWeightsStore"]
+
+
+def scenario(name: str, run_dir: Path, model: str, share: bool, axes: list[str], port: int) -> dict:
+    import httpx
+    import ray
+    from ray import serve
+
+    from alignx.serve.app import build_app
+
+    args = {"run_dir": str(run_dir), "model": model, "axes": axes, "share_base_weights": share,
+            "default_max_tokens": 8,
+            "expert_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
+            "router_options": {"ray_actor_options": {"num_cpus": 0.1}}}
+    t0 = time.time()
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    ready = time.time() - t0
+    for axis in axes:  # one request each: activations and adapter weights are touched
+        r = httpx.post(f"http://127.0.0.1:{port}/{name}/v1/chat/completions", timeout=300, json={
+            "model": f"expert-{axis}", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Give me one tip for sleeping well."}]})
+        r.raise_for_status()
+    time.sleep(1)
+    pids = replica_pids(name)
+    per = {dep: sum(pss_kib(p) for p in ps) / 1024 for dep, ps in pids.items()}
+    stores = store_pids()
+    store_mb = sum(pss_kib(p) for p in stores) / 1024
+    serve.delete(name)
+    for p in stores:  # the detached store outlives the app: remove it between scenarios
+        ray.kill(ray.get_actor(ray.util.state.list_actors(
+            filters=[("pid", "=", p)])[0].name, namespace="alignx"))
+    return {"scenario": name, "share": share, "replicas_mib": per, "total_mib": sum(per.values()),
+            "store_actor_mib": store_mb, "ready_s": round(ready, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--run-dir", type=Path, default=None, help="default: adapters made in a tmp dir")
+    p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+                 "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(k, v)
+    import ray
+    from ray import serve
+
+    from alignx.envs import ray_runtime_env_vars
+
+    run_dir = make_adapters(a.run_dir or Path(tempfile.mkdtemp(prefix="alignx-mem-")), a.model)
+    env = {**ray_runtime_env_vars(), "PYTHONPATH": str(REPO)}
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env}, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    axes3 = ["helpfulness", "harmlessness", "honesty"]
+    rows = [scenario("shared3", run_dir, a.model, True, axes3, a.port),
+            scenario("private1", run_dir, a.model, False, ["honesty"], a.port),
+            scenario("private3", run_dir, a.model, False, axes3, a.port)]
+    serve.shutdown()
+    ray.shutdown()
+    one = rows[1]["total_mib"]
+    print(f"\nexpert replica PSS, model {a.model} (MiB; one replica with its own copy = 1.00x)")
+    print(f"{'scenario':<10} {'replicas':>9} {'x one':>6} {'+store':>7}  per replica")
+    for r in rows:
+        per = ", ".join(f"{k}={v:.0f}" for k, v in sorted(r["replicas_mib"].items()))
+        print(f"{r['scenario']:<10} {r['total_mib']:>9.0f} {r['total_mib'] / one:>6.2f} "
+              f"{(r['total_mib'] + r['store_actor_mib']) / one:>7.2f}  {per}")
+    if a.out:
+        a.out.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
