@@ -1,0 +1,78 @@
+"""Chaining the stages, resumably: a finished stage (its manifest exists and was made from
+the same config sections) is not redone.
+
+``alignx pipeline`` and ``jobs/run_pipeline.py`` call :func:`run_pipeline`; ``alignx train``
+calls :func:`run_prepare` + :func:`run_train` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from alignx.artifacts import MULTITASK, AdapterManifest, ArtifactLayout
+from alignx.axes import Axis
+
+if TYPE_CHECKING:
+    from alignx.config import AlignXConfig
+
+log = logging.getLogger(__name__)
+
+
+def run_prepare(cfg: AlignXConfig) -> None:
+    """Stage 1a: prepared Parquet splits for every configured axis."""
+    from alignx.data.prepare import prepare_all
+
+    prepare_all(cfg)
+
+
+def _finished_adapter(cfg: AlignXConfig, name: str) -> AdapterManifest | None:
+    layout = ArtifactLayout(cfg.run_dir)
+    if not layout.adapter_manifest(name).is_file():
+        return None
+    m = layout.load_adapter_manifest(name)
+    return m if m.config_hash == cfg.stage_hash("train") else None
+
+
+def run_train(
+    cfg: AlignXConfig, axes: list[Axis], multitask: bool = False, force: bool = False
+) -> dict[str, AdapterManifest]:
+    """Stage 1b: train the axes' experts concurrently (+ the multi-task baseline).
+
+    Adapters already trained from the same config sections are reused unless ``force``.
+    """
+    from alignx.train.trainer import train_all
+
+    out: dict[str, AdapterManifest] = {}
+    todo: list[Axis] = []
+    for a in axes:
+        m = None if force else _finished_adapter(cfg, a.value)
+        if m is not None:
+            log.info("adapter %s is up to date; skipping (use --force to retrain)", a.value)
+            out[a.value] = m
+        else:
+            todo.append(a)
+    mt = None if (force or not multitask) else _finished_adapter(cfg, MULTITASK)
+    if mt is not None:
+        log.info("multi-task adapter is up to date; skipping")
+        out[MULTITASK] = mt
+    if todo or (multitask and mt is None):
+        out.update(train_all(cfg, axes=todo, multitask=multitask and mt is None))
+    return out
+
+
+def run_pipeline(cfg: AlignXConfig, force: bool = False) -> None:
+    """prepare -> train all axes (+ multi-task) -> stage-1 report."""
+    from alignx.interference import stage1_report
+
+    t0 = time.time()
+    layout = ArtifactLayout(cfg.run_dir)
+    log.info("[1/3] prepare data -> %s", layout.root / "data")
+    run_prepare(cfg)
+    log.info("[2/3] train %d experts concurrently + multi-task baseline", len(cfg.axes))
+    run_train(cfg, list(cfg.axes), multitask=True, force=force)
+    log.info("[3/3] stage-1 report")
+    report = stage1_report(cfg)
+    print(report["table"], flush=True)
+    print(f"pipeline finished in {time.time() - t0:.0f}s; artifacts in {layout.root}", flush=True)
