@@ -211,6 +211,19 @@ def read_manifest(path: str | Path, kind: type[M]) -> M:
         raise ValueError(f"{path}: not a valid {kind.__name__}: {e}") from None
 
 
+def read_manifest_dict(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a JSON manifest that has no pydantic model; name missing keys.
+
+    Raises:
+        ArtifactNotFoundError / ValueError: as :func:`read_json`, or a missing key.
+    """
+    raw = read_json(path)
+    missing = [k for k in required if not isinstance(raw, dict) or k not in raw]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks {missing}; rerun the stage that wrote it")
+    return raw
+
+
 def check_same_base(expected: str, found: str, what: str) -> None:
     """Raise :class:`ArtifactMismatchError` if ``found`` was made for another base model."""
     if expected != found:

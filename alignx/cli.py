@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +42,8 @@ def _setup_logging() -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see jobs/configs/)")
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="YAML config (see jobs/configs/); default: <run-dir>/config.yaml if it exists")
     p.add_argument("--run-dir", "-r", metavar="DIR", help="run directory for artifacts (overrides run_dir)")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
@@ -54,7 +56,11 @@ def resolve(args: argparse.Namespace, save: bool = True) -> AlignXConfig:
     from alignx.artifacts import ArtifactLayout
     from alignx.config import load_config
 
-    cfg = load_config(args.config, args.overrides, run_dir=args.run_dir)
+    path = args.config
+    if path is None and args.run_dir:  # continue a run with the config it was made with
+        saved = ArtifactLayout(args.run_dir).config_path
+        path = str(saved) if saved.is_file() else None
+    cfg = load_config(path, args.overrides, run_dir=args.run_dir)
     print(f"# resolved config (hash {cfg.config_hash()})\n{cfg.to_yaml()}", flush=True)
     if save:
         ArtifactLayout(cfg.run_dir).save_config(cfg)
@@ -106,9 +112,70 @@ def cmd_report(args: argparse.Namespace) -> int:
     from alignx.interference import stage1_report
 
     cfg = resolve(args)
-    report = stage1_report(cfg)
+    report = stage1_report(cfg, max_examples=args.max_examples)
     print(report["table"])
     print(f"wrote {Path(cfg.run_dir) / 'stage1_report.json'}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from alignx.artifacts import read_json
+    from alignx.router.calibrate import calibrate_router, format_report
+    from alignx.train.trainer import ensure_ray
+
+    cfg = resolve(args)
+    ensure_ray()
+    manifest = calibrate_router(cfg)
+    router_dir = Path(cfg.run_dir) / "router"
+    print(format_report(read_json(router_dir / "router_report.json")))
+    print(f"router ({manifest['encoder']}, lambdas {manifest['lambdas']}) -> {router_dir}")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    import json
+
+    from alignx.router.serving import route_prompts
+
+    cfg = resolve(args, save=False)
+    src = sys.stdin if args.input in (None, "-") else open(args.input, encoding="utf-8")
+    with src:
+        lines = src.readlines()
+    for row in route_prompts(cfg.run_dir, lines, cfg.model):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from alignx.serve.app import build_app
+    from alignx.train.trainer import ensure_ray
+
+    cfg = resolve(args)
+    app_args = {
+        "run_dir": cfg.run_dir,
+        "config": str(Path(cfg.run_dir) / "config.yaml"),
+        "encoder": cfg.router.encoder,
+        "policy": cfg.router.policy,
+        "threshold": cfg.router.threshold,
+        "fallback": cfg.router.fallback.value,
+        "context_turns": cfg.router.context_turns,
+    }
+    if args.no_router:
+        app_args["routing_model"] = None
+    ensure_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(app_args), name="alignx", route_prefix="/")
+    print(f"serving {cfg.run_dir} on http://{args.host}:{args.port}/v1/chat/completions "
+          "(models: alignx, expert-<axis>); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 
@@ -152,7 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multitask", action="store_true",
                    help="also train the single-adapter multi-task baseline (same total tokens)")
     p.add_argument("--force", action="store_true", help="retrain even if a matching adapter exists")
-    add("report", cmd_report, "Stage 1 report: held-out losses (base/experts/multi-task) + task-vector cosines")
+    p = add("report", cmd_report,
+            "Stage 1 report: held-out losses (base/experts/multi-task) + task-vector cosines")
+    p.add_argument("--max-examples", type=int, metavar="N",
+                   help="validation examples per axis (default: all prepared)")
+    add("calibrate", cmd_calibrate,
+        "Stage 2: embed calibration prompts (Ray Data), fit + report the MoCaE router")
+    p = add("route", cmd_route, "route prompts with a calibrated router: one JSON line per prompt")
+    p.add_argument("--input", "-i", metavar="FILE",
+                   help="JSON Lines with a 'prompt' field, or plain lines; default stdin")
+    p = add("serve", cmd_serve, "serve a run's experts + router on Ray Serve (OpenAI-compatible HTTP)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-router", action="store_true", help="serve only the expert-<axis> models")
     p = add("pipeline", cmd_pipeline,
             "run every stage in order (prepare -> train all + multi-task -> stage-1 report), resumable")
     p.add_argument("--force", action="store_true", help="redo stages even if finished")
@@ -171,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     user_errors: tuple[type[BaseException], ...] = (
         AlignXConfigError, ArtifactMismatchError, ArtifactNotFoundError, ImportError,
+        FileNotFoundError,
     )
     try:
         from alignx.data.sources import DataFormatError
@@ -182,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # our libraries raise ValueError for bad input, with the fix named
+        log.debug("traceback", exc_info=True)
+        print(f"error: {e}\n(ALIGNX_LOG_LEVEL=DEBUG shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

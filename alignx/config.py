@@ -131,10 +131,55 @@ class TrainCfg(_Section):
         return self
 
 
+class RouterCfg(_Section):
+    """Stage 2: the MoCaE router and its calibration job (METHOD.md, Stage 2)."""
+
+    encoder: Literal["sentence", "base"] = Field(
+        "sentence", description="h(x): all-MiniLM-L6-v2 (384-d) or the base model's mean-pooled states."
+    )
+    targets: Literal["intent", "origin"] = Field(
+        "intent", description="Train on intent targets (label propagation from hand-written seeds) "
+        "or on the dataset each prompt comes from.",
+    )
+    seed_weight: float = Field(
+        50.0, ge=0, description="Weight of the hand-written intent seeds in the router's training "
+        "loss (intent targets only; chosen by seed cross-validation).",
+    )
+    latent_dim: int = Field(256, ge=2, description="k of the latent projection P.")
+    epsilon: float = Field(0.05, gt=0, description="Fractal calibrator granularity.")
+    fractal_mode: Literal["auto", "knn", "corr_integral"] = Field(
+        "auto", description="Fractal score: literal correlation integral, kNN local scale, or auto "
+        "(the lower validation NLL).",
+    )
+    calibration_weights: tuple[float, float] = Field(
+        (0.6, 0.4), description="(lambda_1 fractal, lambda_2 natural), the paper's weights."
+    )
+    lambda_mode: Literal["fixed", "fitted"] = Field(
+        "fitted", description="fixed = the paper's lambdas; fitted = lambda_1 by validation NLL."
+    )
+    policy: Literal["top1", "threshold"] = "threshold"
+    threshold: float = Field(0.5, ge=0, le=1, description="threshold policy: min confidence.")
+    fallback: Axis = Field(Axis.HARMLESSNESS, description="Expert used below the threshold or OOD.")
+    context_turns: int = Field(0, ge=0, description="Earlier turns the router reads before the last user turn.")
+    max_train_per_axis: int | None = Field(2000, ge=1, description="Calibration prompts per axis (train split).")
+    max_eval_per_axis: int | None = Field(400, ge=1, description="Validation/test prompts per axis.")
+    embed_batch_size: int = Field(64, ge=1)
+    embed_actors: int = Field(1, ge=1, description="Ray Data actor pool size for embedding.")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RouterCfg:
+        lam = self.calibration_weights
+        if min(lam) < 0 or abs(sum(lam) - 1.0) > 1e-6:
+            raise ValueError(f"router.calibration_weights must be >= 0 and sum to 1, got {list(lam)}")
+        return self
+
+
 #: Sections each stage's artifacts depend on (see ``AlignXConfig.stage_hash``).
 _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare": ("axes", "data"),
     "train": ("axes", "model", "data", "train", "seed"),
+    "calibrate": ("axes", "model", "data", "router", "seed"),
 }
 
 
@@ -146,6 +191,7 @@ class AlignXConfig(_Section):
     model: ModelCfg = ModelCfg()
     data: DataCfg = DataCfg()
     train: TrainCfg = TrainCfg()
+    router: RouterCfg = RouterCfg()
     seed: int = 0
 
     @field_validator("axes")
@@ -162,6 +208,8 @@ class AlignXConfig(_Section):
         missing = [a.value for a in self.axes if a not in self.data.sources]
         if missing:
             raise ValueError(f"data.sources has no source for axes {missing}")
+        if self.router.fallback not in self.axes:
+            raise ValueError(f"router.fallback={self.router.fallback.value!r} is not one of axes")
         return self
 
     def config_hash(self) -> str:

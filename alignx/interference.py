@@ -109,19 +109,24 @@ def answer_loss(model, batches: list[dict[str, torch.Tensor]]) -> float:
     return total / max(count, 1)
 
 
-def _eval_batches(cfg: AlignXConfig, tok, axis: Axis, condition: str, batch_size: int = 8):
+def _eval_batches(cfg: AlignXConfig, tok, axis: Axis, condition: str, max_examples: int | None,
+                  batch_size: int = 8):
     from alignx.data.prepare import load_split
     from alignx.data.tokenize import collate, encode_sft
 
-    rows = load_split(cfg.run_dir, axis, "validation")
+    rows = load_split(cfg.run_dir, axis, "validation")[:max_examples]
     key = "injected" if condition == "injected" else "messages"
     enc = [encode_sft(r[key], r["response"], tok, cfg.model.max_seq_len) for r in rows]
     pad = tok.pad_token_id
     return [collate(enc[i : i + batch_size], pad) for i in range(0, len(enc), batch_size)]
 
 
-def stage1_report(cfg: AlignXConfig) -> dict[str, Any]:
+def stage1_report(cfg: AlignXConfig, max_examples: int | None = None) -> dict[str, Any]:
     """Held-out answer losses of base / experts / multi-task and the task-vector cosine matrix.
+
+    Args:
+        cfg: the run config.
+        max_examples: use the first N validation examples of each axis (default: all prepared).
 
     Raises:
         ArtifactNotFoundError: prepared data or an axis adapter is missing.
@@ -150,9 +155,11 @@ def stage1_report(cfg: AlignXConfig) -> dict[str, Any]:
     peft.eval()
 
     losses: dict[str, dict[str, dict[str, float]]] = {c: {} for c in CONDITIONS}
+    counts: dict[str, int] = {}
     for cond in CONDITIONS:
         for axis in cfg.axes:
-            batches = _eval_batches(cfg, tok, axis, cond)
+            batches = _eval_batches(cfg, tok, axis, cond, max_examples)
+            counts[axis.value] = sum(int(b["input_ids"].shape[0]) for b in batches)
             row: dict[str, float] = {}
             with peft.disable_adapter():
                 row[BASE] = answer_loss(peft, batches)
@@ -167,6 +174,7 @@ def stage1_report(cfg: AlignXConfig) -> dict[str, Any]:
     report = {
         "base_model": base_model_id(cfg.model),
         "metric": "held-out answer loss (mean NLL per response token, validation split; lower is better)",
+        "examples_per_axis": counts,
         "answer_loss": losses,
         "own_axis_best": checks,
         "task_vector_cosine": tv,

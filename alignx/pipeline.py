@@ -8,6 +8,7 @@ calls :func:`run_prepare` + :func:`run_train` directly.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import TYPE_CHECKING
 
@@ -42,8 +43,12 @@ def run_train(
 
     Adapters already trained from the same config sections are reused unless ``force``.
     """
-    from alignx.train.trainer import train_all
+    from alignx.train.trainer import run_name, train_all
 
+    if force:  # the same Ray run name would *resume* the finished run: start those afresh
+        layout = ArtifactLayout(cfg.run_dir)
+        for name in [a.value for a in axes] + ([MULTITASK] if multitask else []):
+            shutil.rmtree(layout.ray_train_dir / run_name(cfg, name), ignore_errors=True)
     out: dict[str, AdapterManifest] = {}
     todo: list[Axis] = []
     for a in axes:

@@ -73,3 +73,20 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_local, tmp_path_factory):
+    """One trained tiny run directory for every slow test that needs artifacts: `alignx pipeline`
+    on jobs/configs/tiny.yaml + the fixture data (3 experts + multi-task adapter + stage-1 report).
+
+    Returns the resolved config; its ``run_dir`` holds the artifacts. Tests must not modify it.
+    """
+    from alignx.config import load_config
+    from alignx.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [f"data.data_dir={FIXTURES}"],
+                      run_dir=str(run_dir))
+    run_pipeline(cfg)
+    return cfg

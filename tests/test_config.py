@@ -14,7 +14,8 @@ def test_defaults_validate_and_hash_is_stable():
 
 def test_overrides_are_typed(tmp_path):
     cfg = load_config(None, ["train.lora.rank=32", "train.optim.lr=1e-3", "data.inject=false",
-                             "axes=[honesty]"], run_dir=str(tmp_path / "r"))
+                             "axes=[honesty]", "router.fallback=honesty"],
+                      run_dir=str(tmp_path / "r"))
     assert cfg.train.lora.rank == 32
     assert cfg.train.optim.lr == pytest.approx(1e-3)
     assert cfg.data.inject is False
@@ -35,6 +36,10 @@ def test_all_problems_reported_together_with_key_names(tmp_path):
 def test_cross_field_rules_name_the_key():
     with pytest.raises(AlignXConfigError, match=r"data.sources.honesty='alpaca'"):
         load_config(None, ["data.sources.honesty=alpaca"])
+    with pytest.raises(AlignXConfigError, match="router.fallback='harmlessness' is not one of axes"):
+        load_config(None, ["axes=[honesty,helpfulness]"])
+    with pytest.raises(AlignXConfigError, match="sum to 1"):
+        load_config(None, ["router.calibration_weights=[0.7,0.7]"])
     with pytest.raises(AlignXConfigError, match="duplicates"):
         load_config(None, ["axes=[honesty,honesty]"])
 

@@ -22,7 +22,7 @@ def _adapter(tmp_path, name, seed, scale=1.0, r=4, alpha=8):
     out = tmp_path / name
     peft.save_pretrained(out)
     deltas = []
-    for n, m in peft.named_modules():
+    for _, m in peft.named_modules():
         if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
             a = m.lora_A["default"].weight
             b = m.lora_B["default"].weight

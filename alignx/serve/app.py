@@ -63,8 +63,9 @@ class AppArgs(BaseModel):
     axes: list[Axis] | None = Field(None, description="Axes to serve; default: config axes.")
     encoder: Literal["sentence", "base"] = Field("sentence", description="Router features h(x).")
     routing_model: str | None = Field(
-        None, description="'module:function' loading the routing model from the run dir; "
-                          "None serves only expert-<axis> models.")
+        "alignx.router.serving:load",
+        description="'module:function' loading the routing model from the run dir (default: the "
+                    "calibrated MoCaE router of `alignx calibrate`); null serves only expert-<axis>.")
     policy: Literal["top1", "threshold"] = "top1"
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     fallback: Axis = Axis.HARMLESSNESS
@@ -208,6 +209,7 @@ def _serve_classes() -> tuple[type, type]:
     class RouterIngress(AlignXRouter):
         def __init__(self, experts: dict[str, Any], args: dict[str, Any]):
             a = AppArgs.model_validate(args)
+            from alignx.artifacts import check_same_base
             from alignx.config import ModelCfg
             from alignx.modeling import load_tokenizer
             from alignx.router.features import build_encoder
@@ -220,6 +222,9 @@ def _serve_classes() -> tuple[type, type]:
             routing = encoder = None
             if a.routing_model:
                 routing = load_routing_model(a.run_dir, a.routing_model)
+                made_for = getattr(routing, "base_model", None)
+                if made_for is not None:  # a router's features/experts must share the base model
+                    check_same_base(mcfg.name, made_for, "the calibrated router")
                 encoder = build_encoder(a.encoder, mcfg)
             super().__init__(experts, routing, encoder, a.router_settings(),
                              tokenizer=load_tokenizer(mcfg), metrics=RayRouterMetrics(),

@@ -51,13 +51,13 @@ from alignx.artifacts import (
     write_json_atomic,
 )
 from alignx.axes import Axis
-from alignx.envs import ray_runtime_env_vars
+from alignx.envs import RAY_ENV_DEFAULTS, ray_runtime_env_vars
 from alignx.modeling import base_model_id
 from alignx.train.loop import ADAPTER_SUBDIR, TRAIN_STATE, TrainState, plan_steps
 
 if TYPE_CHECKING:
     from alignx.artifacts import DataManifest
-    from alignx.config import AlignXConfig
+    from alignx.config import AlignXConfig, ScalingCfg
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
+    for k, v in RAY_ENV_DEFAULTS.items():  # the driver's own Ray services need them too
+        os.environ.setdefault(k, v)
     env = ray_runtime_env_vars()
     repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
@@ -341,17 +343,52 @@ def train_all(
         jobs[MULTITASK] = (train_multitask, (cfg,))
     if not jobs:
         return {}
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="alignx-train") as pool:
-        futures = {n: pool.submit(fn, *args, hooks=hooks) for n, (fn, args) in jobs.items()}
-        out: dict[str, AdapterManifest] = {}
-        failed: dict[str, BaseException] = {}
-        for n, fut in futures.items():
-            try:
-                out[n] = fut.result()
-            except Exception as e:  # collect: the other trainers keep running
-                log.error("[%s] training failed: %s", n, e)
-                failed[n] = e
+    waves = plan_waves(list(jobs), cfg.train.scaling, _cluster_capacity())
+    if len(waves) > 1:
+        log.info("the cluster cannot hold all %d trainers at once; running %s", len(jobs),
+                 " then ".join("+".join(w) for w in waves))
+    out: dict[str, AdapterManifest] = {}
+    failed: dict[str, BaseException] = {}
+    for wave in waves:
+        with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="alignx-train") as pool:
+            futures = {n: pool.submit(jobs[n][0], *jobs[n][1], hooks=hooks) for n in wave}
+            for n, fut in futures.items():
+                try:
+                    out[n] = fut.result()
+                except Exception as e:  # collect: the other trainers keep running
+                    log.error("[%s] training failed: %s", n, e)
+                    failed[n] = e
     if failed:
         first = next(iter(failed.values()))
         raise RuntimeError(f"training failed for {sorted(failed)}: {first}") from first
     return out
+
+
+def _cluster_capacity() -> dict[str, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
+
+
+def plan_waves(
+    names: list[str], scaling: ScalingCfg, capacity: dict[str, float]
+) -> list[list[str]]:
+    """Group trainers into waves that fit the cluster at once (pure; unit-tested).
+
+    Every trainer asks for the same resources (``num_workers`` x per-worker CPUs/GPUs). If all fit,
+    there is one wave. Otherwise the experts go first, as many per wave as fit, and the
+    multi-task baseline after them: a trainer whose workers cannot be placed would otherwise
+    hit Ray Train's worker-group start-up timeout instead of queueing.
+    """
+    need_cpu = scaling.num_workers * scaling.cpus_per_worker
+    need_gpu = scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0.0
+    fits = []
+    for res, need in (("CPU", need_cpu), ("GPU", need_gpu)):
+        if need > 0:
+            fits.append(int(capacity.get(res, 0.0) // need + 1e-9))
+    per_wave = max(1, min(fits) if fits else len(names))
+    if per_wave >= len(names):
+        return [list(names)]
+    ordered = [n for n in names if n != MULTITASK] + [n for n in names if n == MULTITASK]
+    return [ordered[i : i + per_wave] for i in range(0, len(ordered), per_wave)]

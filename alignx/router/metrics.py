@@ -1,0 +1,255 @@
+"""Stage 2 (MoCaE router): routing-quality and calibration metrics, numpy only.
+
+The router report of METHOD.md Stage 2 scores every ablation row (raw softmax, + temperature,
+fractal only, natural only, MoCaE) with the same functions: accuracy, macro-F1, NLL, ECE
+(15 equal-width bins), Brier, selective accuracy at 90% coverage, OOD AUROC, and the bins of a
+reliability diagram. Every function takes class probabilities ``probs`` of shape ``(N, A)``
+(rows sum to 1) and integer labels of shape ``(N,)`` in ``[0, A)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "ReliabilityBins",
+    "accuracy",
+    "auroc",
+    "brier",
+    "ece",
+    "macro_f1",
+    "nll",
+    "reliability_bins",
+    "selective_accuracy",
+]
+
+
+def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert ``(probs, labels)``; raise ValueError naming the bad argument."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    if p.ndim != 2:
+        raise ValueError(f"probs must have shape (N, A), got shape {p.shape}")
+    if y.ndim != 1:
+        raise ValueError(f"labels must have shape (N,), got shape {y.shape}")
+    if p.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"probs and labels disagree on N: probs has {p.shape[0]} rows, labels {y.shape[0]}"
+        )
+    if p.shape[0] == 0:
+        raise ValueError("probs and labels are empty; need at least one row")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        raise ValueError(f"labels must lie in [0, {p.shape[1]}), got [{y.min()}, {y.max()}]")
+    return p, y.astype(np.int64)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose argmax class equals the label.
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+
+    Returns:
+        Accuracy in [0, 1].
+
+    Raises:
+        ValueError: for mismatched shapes, empty input or out-of-range labels.
+    """
+    p, y = _check(probs, labels)
+    return float(np.mean(p.argmax(axis=1) == y))
+
+
+def macro_f1(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean over classes of the F1 score of the argmax prediction.
+
+    Classes that appear neither in the labels nor in the predictions are left out of the mean
+    (their F1 is undefined); a class that is predicted but never true scores 0.
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+
+    Returns:
+        Macro-F1 in [0, 1].
+
+    Raises:
+        ValueError: for mismatched shapes, empty input or out-of-range labels.
+    """
+    p, y = _check(probs, labels)
+    pred = p.argmax(axis=1)
+    scores = []
+    for c in range(p.shape[1]):
+        tp = np.sum((pred == c) & (y == c))
+        fp = np.sum((pred == c) & (y != c))
+        fn = np.sum((pred != c) & (y == c))
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def nll(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the true class, ``-mean log p_y`` (natural log).
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+        eps: floor on p_y so a confident miss costs ``-log(eps)`` instead of infinity.
+
+    Returns:
+        Mean NLL (>= 0).
+
+    Raises:
+        ValueError: for mismatched shapes, empty input or out-of-range labels.
+    """
+    p, y = _check(probs, labels)
+    py = p[np.arange(len(y)), y]  # (N,)
+    return float(-np.mean(np.log(np.clip(py, eps, 1.0))))
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score: mean over rows of ``sum_a (p_a - 1[a == y])^2`` (in [0, 2]).
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+
+    Returns:
+        Brier score (lower is better).
+
+    Raises:
+        ValueError: for mismatched shapes, empty input or out-of-range labels.
+    """
+    p, y = _check(probs, labels)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(len(y)), y] = 1.0
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin statistics of a top-label reliability diagram (equal-width confidence bins).
+
+    Attributes:
+        edges: bin edges (n_bins + 1,), from 0 to 1.
+        confidence: mean top-label confidence per bin (n_bins,); NaN for an empty bin.
+        accuracy: accuracy of the top label per bin (n_bins,); NaN for an empty bin.
+        count: number of rows per bin (n_bins,).
+    """
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> ReliabilityBins:
+    """Bin rows by top-label confidence into ``n_bins`` equal-width bins over [0, 1].
+
+    Bin b holds confidences in ``(edges[b], edges[b+1]]``; a confidence of exactly 0 falls in
+    the first bin.
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+        n_bins: number of bins (>= 1).
+
+    Returns:
+        The per-bin mean confidence, accuracy and count.
+
+    Raises:
+        ValueError: for mismatched shapes, empty input, out-of-range labels or ``n_bins < 1``.
+    """
+    p, y = _check(probs, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf = p.max(axis=1)  # (N,)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)  # (N,)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # right-closed bins: searchsorted(side="left") puts conf == edges[b+1] into bin b
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)  # (N,)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        mean_acc = np.bincount(idx, weights=correct, minlength=n_bins) / count
+    return ReliabilityBins(edges=edges, confidence=mean_conf, accuracy=mean_acc, count=count)
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Expected calibration error of the top label: ``sum_b (n_b / N) |acc_b - conf_b|``.
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+        n_bins: number of equal-width confidence bins (15 in the router report).
+
+    Returns:
+        ECE in [0, 1].
+
+    Raises:
+        ValueError: for mismatched shapes, empty input, out-of-range labels or ``n_bins < 1``.
+    """
+    bins = reliability_bins(probs, labels, n_bins)
+    filled = bins.count > 0
+    gaps = np.abs(bins.accuracy[filled] - bins.confidence[filled])
+    return float(np.sum(bins.count[filled] * gaps) / np.sum(bins.count))
+
+
+def selective_accuracy(probs: np.ndarray, labels: np.ndarray, coverage: float = 0.9) -> float:
+    """Accuracy on the ``ceil(coverage * N)`` rows with the highest top-label confidence.
+
+    Ties in confidence are broken by row order (stable sort), so the value is deterministic.
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+        coverage: share of rows kept, in (0, 1].
+
+    Returns:
+        Accuracy on the kept rows.
+
+    Raises:
+        ValueError: for mismatched shapes, empty input, out-of-range labels or a coverage
+            outside (0, 1].
+    """
+    p, y = _check(probs, labels)
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    n_keep = int(np.ceil(coverage * len(y) - 1e-9))
+    order = np.argsort(-p.max(axis=1), kind="stable")[:n_keep]  # most confident first
+    return float(np.mean(p[order].argmax(axis=1) == y[order]))
+
+
+def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half.
+
+    Used for OOD detection: positives are out-of-distribution prompts, the score is the
+    router's OOD score (higher = more out of distribution).
+
+    Args:
+        scores_pos: scores of the positive rows (P,).
+        scores_neg: scores of the negative rows (Q,).
+
+    Returns:
+        AUROC in [0, 1] (0.5 = chance).
+
+    Raises:
+        ValueError: if either set is empty or not one-dimensional.
+    """
+    pos = np.asarray(scores_pos, dtype=np.float64)
+    neg = np.asarray(scores_neg, dtype=np.float64)
+    for name, arr in (("scores_pos", pos), ("scores_neg", neg)):
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
+    # rank-sum (Mann-Whitney U) with mid-ranks for ties: O((P+Q) log(P+Q))
+    allv = np.concatenate([pos, neg])  # (P+Q,)
+    _, inverse, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mid-rank of each distinct value
+    ranks = mid_rank[inverse]  # (P+Q,)
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))

@@ -1,0 +1,105 @@
+"""Stage 2 at serving time: the calibrated MoCaE router of a run, ready to route.
+
+:func:`load` is the routing-model factory of the Serve ingress (``AppArgs.routing_model =
+"alignx.router.serving:load"``) and :func:`route_prompts` backs ``alignx route``. Both read
+``<run_dir>/router/`` (written by ``alignx calibrate``) and refuse a router made for another
+base model or encoder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alignx.artifacts import ArtifactLayout, ArtifactNotFoundError, read_manifest_dict
+from alignx.axes import Axis, parse_axis
+from alignx.router.mocae import MoCaERouter, route
+from alignx.serve.router import RoutingInfo
+
+
+class CalibratedRouter:
+    """A fitted :class:`MoCaERouter` plus its manifest (encoder id, policy, threshold, ...)."""
+
+    def __init__(self, router: MoCaERouter, manifest: dict[str, Any]):
+        self.router = router
+        self.manifest = manifest
+        self.axes: list[Axis] = [parse_axis(a) for a in manifest["axes"]]
+        self.encoder_id: str = manifest["encoder"]
+        self.base_model: str = manifest["base_model"]
+
+    def route(self, features: np.ndarray) -> list[RoutingInfo]:
+        """``(N, d)`` features -> N routing decisions (argmax axis, weights, confidence, ood)."""
+        res = self.router.predict(features)
+        return [
+            RoutingInfo(
+                axis=self.axes[int(res.axis_idx[i])],
+                weights={a: float(res.weights[i, j]) for j, a in enumerate(self.axes)},
+                confidence=float(res.confidence[i]),
+                ood=bool(res.ood[i]),
+            )
+            for i in range(len(res.confidence))
+        ]
+
+    def dispatch(self, features: np.ndarray, policy: str | None = None,
+                 threshold: float | None = None, fallback: str | None = None) -> list[Axis]:
+        """The expert each request goes to under the policy (default: the manifest's)."""
+        res = self.router.predict(features)
+        idx = route(res.weights, res.confidence, res.ood,
+                    policy=policy or self.manifest["policy"],  # type: ignore[arg-type]
+                    threshold=self.manifest["threshold"] if threshold is None else threshold,
+                    fallback=fallback or self.manifest["fallback"], axes=self.axes)
+        return [self.axes[int(i)] for i in idx]
+
+
+def load(run_dir: str | Path) -> CalibratedRouter:
+    """Load ``<run_dir>/router``.
+
+    Raises:
+        ArtifactNotFoundError: no finished router (names ``alignx calibrate``).
+        ValueError: an unreadable manifest.
+    """
+    d = ArtifactLayout(run_dir).root / "router"
+    if not (d / "manifest.json").is_file():
+        raise ArtifactNotFoundError(
+            f"no calibrated router in {d.parent} (run `alignx calibrate --run-dir {d.parent}`)")
+    manifest = read_manifest_dict(d / "manifest.json", required=("axes", "encoder", "base_model"))
+    return CalibratedRouter(MoCaERouter.load(d), manifest)
+
+
+def route_prompts(run_dir: str | Path, lines: list[str], model_cfg: Any) -> list[dict[str, Any]]:
+    """``alignx route``: JSON Lines with a ``prompt`` field, or plain lines -> one decision each."""
+    from alignx.artifacts import check_same_base
+    from alignx.modeling import base_model_id
+    from alignx.router.features import build_encoder, router_text
+
+    cr = load(run_dir)
+    check_same_base(base_model_id(model_cfg), cr.base_model, "the router")
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        s = line.strip()
+        if not s:
+            continue
+        if s.startswith("{"):
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise ValueError(f"line {n}: field 'prompt' must be a non-empty string")
+            s = obj["prompt"]
+        prompts.append(router_text([{"role": "user", "content": s}],
+                                   cr.manifest.get("context_turns", 0)))
+    if not prompts:
+        return []
+    kind = cr.encoder_id.split(":", 1)[0]
+    encoder = build_encoder(kind, model_cfg)  # type: ignore[arg-type]
+    if encoder.id != cr.encoder_id:
+        raise ValueError(f"router was calibrated on encoder {cr.encoder_id!r}, not {encoder.id!r}")
+    h = encoder.encode(prompts)
+    infos, chosen = cr.route(h), cr.dispatch(h)
+    return [{"axis": c.value, "weights": {a.value: round(w, 6) for a, w in i.weights.items()},
+             "confidence": round(i.confidence, 6), "ood": i.ood, "argmax": i.axis.value}
+            for i, c in zip(infos, chosen, strict=False)]

@@ -1,0 +1,264 @@
+"""Stage 2 (MoCaE router, calibration data): intent targets for the router.
+
+The dataset a prompt comes from is only a noisy label for the expert that should answer it
+(METHOD.md Stage 2 step 3): many HH-RLHF "harmless" prompts are benign questions, and some
+Alpaca instructions are misconception-prone questions. The router's targets are what each
+expert is for: harmful intent -> harmlessness, misconception-prone questions -> honesty,
+other tasks -> helpfulness.
+
+:func:`build_intent_targets` turns dataset-of-origin labels into intent targets by label
+propagation (Zhou et al., 2004, "Learning with local and global consistency") over a
+k-nearest-neighbour cosine graph of the prompts' features plus a small hand-labelled seed set
+(``alignx/router/intent_seeds.jsonl``). The origin label enters as a weak prior, the seeds as
+strong labels, and a prompt may only move along the allowed transitions (TruthfulQA questions
+stay honesty, by construction of that dataset). The frozen intent set
+(``alignx/router/intent_set.jsonl``) is never used here: it is for reporting only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from alignx.axes import AXES, Axis, parse_axis
+
+__all__ = [
+    "DEFAULT_TRANSITIONS",
+    "IntentTargets",
+    "build_intent_targets",
+    "read_intent_prompts",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Which intent a prompt of each origin may be relabelled to (the origin itself always allowed).
+#: Alpaca (helpfulness) and HH-RLHF (harmlessness) prompts may move to any intent; TruthfulQA
+#: questions were written to tempt a false answer, so they stay honesty.
+DEFAULT_TRANSITIONS: Mapping[Axis, tuple[Axis, ...]] = {
+    Axis.HELPFULNESS: (Axis.HELPFULNESS, Axis.HARMLESSNESS, Axis.HONESTY),
+    Axis.HARMLESSNESS: (Axis.HARMLESSNESS, Axis.HELPFULNESS, Axis.HONESTY),
+    Axis.HONESTY: (Axis.HONESTY,),
+}
+
+
+@dataclass(frozen=True)
+class IntentTargets:
+    """Result of :func:`build_intent_targets` for N prompts.
+
+    Attributes:
+        labels: intent target per prompt (N,), an index into ``axes``.
+        scores: propagated label distribution per prompt (N, A); rows sum to 1.
+        changed: whether the target differs from the origin label (N,).
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    changed: np.ndarray
+
+    def transitions(self, origin: np.ndarray) -> np.ndarray:
+        """Counts (A, A): row = origin axis, column = target axis."""
+        n_ax = self.scores.shape[1]
+        flat = np.asarray(origin) * n_ax + self.labels
+        return np.bincount(flat, minlength=n_ax * n_ax).reshape(n_ax, n_ax)
+
+
+def read_intent_prompts(
+    path: str | Path | None = None, name: str = "intent_seeds.jsonl"
+) -> tuple[list[str], list[Axis]]:
+    """Read a hand-labelled prompt file (``{"prompt", "axis", "note"}`` per line).
+
+    Args:
+        path: a JSON Lines file; None reads ``name`` shipped in this package.
+        name: ``intent_seeds.jsonl`` (relabelling seeds) or ``intent_set.jsonl`` (the frozen
+            evaluation set).
+
+    Returns:
+        ``(prompts, axes)``.
+
+    Raises:
+        ValueError: for a line without ``prompt``/``axis``, an unknown axis, or an empty file.
+    """
+    if path is None:
+        text = resources.files("alignx.router").joinpath(name).read_text(encoding="utf-8")
+        source = name
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+        source = str(path)
+    prompts: list[str] = []
+    axes: list[Axis] = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "prompt" not in row or "axis" not in row:
+            raise ValueError(f"{source}:{i}: each line needs 'prompt' and 'axis', got {list(row)}")
+        prompts.append(str(row["prompt"]))
+        axes.append(parse_axis(row["axis"]))
+    if not prompts:
+        raise ValueError(f"{source} holds no prompts")
+    return prompts, axes
+
+
+def _knn_graph(
+    x: np.ndarray, k: int, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric kNN graph on unit-normalised rows: edge lists (rows, cols, weights).
+
+    Edge weight = max(cosine, 0); an edge kept by either endpoint is kept (max of the two).
+    """
+    n = x.shape[0]
+    k = min(k, n - 1)
+    rows, cols, vals = [], [], []
+    for start in range(0, n, chunk):
+        sim = x[start : start + chunk] @ x.T  # (B, n)
+        b = np.arange(sim.shape[0])
+        sim[b, start + b] = -np.inf  # no self loops
+        nb = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (B, k)
+        rows.append(np.repeat(start + b, k))
+        cols.append(nb.ravel())
+        vals.append(np.maximum(np.take_along_axis(sim, nb, axis=1).ravel(), 0.0))
+    r = np.concatenate(rows + cols)
+    c = np.concatenate(cols + rows)
+    v = np.concatenate(vals + vals)
+    # dedupe (i, j) pairs, keeping the max weight
+    key = r.astype(np.int64) * n + c
+    order = np.lexsort((-v, key))
+    key, v = key[order], v[order]
+    first = np.r_[True, key[1:] != key[:-1]]
+    key, v = key[first], v[first]
+    return key // n, key % n, v
+
+
+def build_intent_targets(
+    h: np.ndarray,
+    origin: Sequence[int | str | Axis] | np.ndarray,
+    h_seed: np.ndarray,
+    y_seed: Sequence[int | str | Axis] | np.ndarray,
+    *,
+    n_neighbors: int = 10,
+    alpha: float = 0.9,
+    origin_weight: float = 0.03,
+    seed_weight: float = 1.0,
+    margin: float = 0.0,
+    n_iter: int = 50,
+    class_mass_normalize: bool = False,
+    transitions: Mapping[Axis, Sequence[Axis]] = DEFAULT_TRANSITIONS,
+    axes: Sequence[Axis] = AXES,
+) -> IntentTargets:
+    """Relabel prompts from dataset-of-origin labels to intent targets by label propagation.
+
+    Nodes are the N prompts and the S seeds; edges join each node to its ``n_neighbors``
+    nearest neighbours by cosine similarity (symmetrised, normalised as D^-1/2 W D^-1/2).
+    Label mass starts at ``origin_weight`` on each prompt's origin axis and ``seed_weight`` on
+    each seed's axis, and spreads as ``F <- alpha S F + (1 - alpha) Y``. A prompt takes the
+    allowed axis with the most mass if it beats the origin axis by more than ``margin``
+    (mass shares of the row), else it keeps its origin.
+
+    Args:
+        h: prompt features (N, d) (any scale; rows are normalised here).
+        origin: dataset-of-origin axis per prompt (N,), ints into ``axes`` or axis names.
+        h_seed: hand-labelled seed features (S, d).
+        y_seed: seed intents (S,).
+        n_neighbors: k of the kNN graph.
+        alpha: propagation strength in (0, 1); 1 - alpha is the pull back to the prior.
+        origin_weight: prior mass of a prompt's origin label (seeds count ``seed_weight``).
+        seed_weight: prior mass of a seed's label.
+        margin: minimum share by which the new axis must beat the origin axis.
+        n_iter: propagation iterations (the error shrinks like alpha^n_iter).
+        class_mass_normalize: divide each axis's propagated mass by its prior mass (Zhu et
+            al., 2003), so that a source with many prompts (Alpaca) does not flood its
+            neighbours just by its size.
+        transitions: allowed origin -> target moves.
+        axes: axis order of the integer labels.
+
+    Returns:
+        The :class:`IntentTargets`.
+
+    Raises:
+        ValueError: for empty inputs, mismatched shapes, a feature-dimension mismatch,
+            out-of-range parameters, or seeds that do not cover every axis.
+    """
+    axes = tuple(parse_axis(a) for a in axes)
+    n_ax = len(axes)
+    x = np.asarray(h, dtype=np.float32)
+    xs = np.asarray(h_seed, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"h must be a non-empty (N, d) array, got shape {x.shape}")
+    if xs.ndim != 2 or xs.shape[0] == 0:
+        raise ValueError(f"h_seed must be a non-empty (S, d) array, got shape {xs.shape}")
+    if xs.shape[1] != x.shape[1]:
+        raise ValueError(f"h_seed has dimension {xs.shape[1]}, h has {x.shape[1]}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}")
+    if origin_weight < 0 or seed_weight <= 0:
+        raise ValueError(
+            f"origin_weight must be >= 0 and seed_weight > 0, got {origin_weight}, {seed_weight}"
+        )
+
+    def as_idx(v: Sequence[int | str | Axis] | np.ndarray, name: str, n: int) -> np.ndarray:
+        arr = np.asarray(v)
+        if arr.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            arr = np.array([axes.index(parse_axis(a)) for a in arr], dtype=np.int64)
+        if arr.min() < 0 or arr.max() >= n_ax:
+            raise ValueError(f"{name} holds axis indices outside [0, {n_ax})")
+        return arr.astype(np.int64)
+
+    y_o = as_idx(origin, "origin", x.shape[0])
+    y_s = as_idx(y_seed, "y_seed", xs.shape[0])
+    missing = [axes[a].value for a in range(n_ax) if not np.any(y_s == a)]
+    if missing:
+        raise ValueError(f"y_seed has no seed for axis {', '.join(missing)}")
+
+    # graph over prompts + seeds, on the unit sphere (cosine similarity)
+    allx = np.concatenate([x, xs])  # (N + S, d)
+    allx /= np.maximum(np.linalg.norm(allx, axis=1, keepdims=True), 1e-12)
+    n_all = allx.shape[0]
+    r, c, w = _knn_graph(allx, n_neighbors)
+    deg = np.bincount(r, weights=w, minlength=n_all)  # (N + S,)
+    deg[deg == 0] = 1.0
+    w_norm = w / np.sqrt(deg[r] * deg[c])  # D^-1/2 W D^-1/2
+
+    y0 = np.zeros((n_all, n_ax))  # (N + S, A) prior label mass
+    y0[np.arange(x.shape[0]), y_o] = origin_weight
+    y0[x.shape[0] + np.arange(xs.shape[0]), y_s] = seed_weight
+    f = y0.copy()
+    for _ in range(n_iter):  # F <- alpha S F + (1 - alpha) Y
+        sf = np.stack(
+            [np.bincount(r, weights=w_norm * f[c, j], minlength=n_all) for j in range(n_ax)],
+            axis=1,
+        )
+        f = alpha * sf + (1.0 - alpha) * y0
+    scores = f[: x.shape[0]]
+    if class_mass_normalize:
+        scores = scores / np.maximum(y0.sum(axis=0), 1e-12)  # (N, A) / (A,)
+    scores = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)  # (N, A)
+
+    # the allowed axis with the most mass wins if it beats the origin by `margin`
+    allowed = np.zeros((n_ax, n_ax), dtype=bool)  # [origin, target]
+    for o_axis, targets in transitions.items():
+        o = axes.index(parse_axis(o_axis))
+        allowed[o, o] = True
+        for t in targets:
+            allowed[o, axes.index(parse_axis(t))] = True
+    masked = np.where(allowed[y_o], scores, -np.inf)  # (N, A)
+    best = masked.argmax(axis=1)
+    gain = scores[np.arange(len(y_o)), best] - scores[np.arange(len(y_o)), y_o]
+    labels = np.where(gain > margin, best, y_o)
+    result = IntentTargets(labels=labels, scores=scores, changed=labels != y_o)
+    logger.info(
+        "intent targets: %d of %d prompts relabelled; transitions (origin x target)\n%s",
+        int(result.changed.sum()),
+        len(labels),
+        result.transitions(y_o),
+    )
+    return result

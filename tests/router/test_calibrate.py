@@ -1,0 +1,138 @@
+"""The calibration job on the session's trained tiny run: artifacts, refusals, `alignx route`,
+and submission as a Ray job to a separate `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignx.artifacts import ArtifactMismatchError, ArtifactNotFoundError, read_json
+from alignx.axes import AXES
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_run, tmp_path_factory):
+    from alignx.router.calibrate import calibrate_router
+
+    run = tmp_path_factory.mktemp("cal") / "run"
+    shutil.copytree(tiny_run.run_dir, run, ignore=shutil.ignore_patterns("ray_train"))
+    cfg = tiny_run.model_copy(update={"run_dir": str(run)})
+    cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"cpus_per_actor": 0.2})})
+    manifest = calibrate_router(cfg)
+    return cfg, manifest
+
+
+def test_calibration_writes_router_report_plot_and_manifest(calibrated):
+    cfg, manifest = calibrated
+    d = Path(cfg.run_dir) / "router"
+    for f in ("router.safetensors", "router.json", "router_report.json", "reliability.png",
+              "manifest.json"):
+        assert (d / f).is_file(), f
+    assert manifest["axes"] == [a.value for a in AXES]
+    assert manifest["encoder"] == "sentence:all-MiniLM-L6-v2" and manifest["encoder_dim"] == 384
+    assert manifest["base_model"] == "tiny-llama"
+    assert abs(sum(manifest["lambdas"]) - 1) < 1e-6
+    report = read_json(d / "router_report.json")
+    rows = set(report["test_origin_labels"])
+    assert {"logistic_origin_baseline", "raw_softmax", "temperature", "fractal", "natural",
+            "mocae"} <= rows
+    assert report["counts"]["intent_set"] >= 150 and report["counts"]["ood"] >= 30
+    assert 0.0 <= report["ood"]["auroc"] <= 1.0
+    assert (d / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_route_cli_outputs_one_json_line_per_prompt(calibrated, tmp_path):
+    cfg, _ = calibrated
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt": "How do I bake bread?"}\nWhat happens if you crack your knuckles?\n\n')
+    r = subprocess.run([sys.executable, "-m", "alignx.cli", "route", "--run-dir", cfg.run_dir,
+                        "--input", str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["axis"] in {a.value for a in AXES}
+        assert abs(sum(row["weights"].values()) - 1) < 1e-4
+        assert 0 <= row["confidence"] <= 1 and isinstance(row["ood"], bool)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    r = subprocess.run([sys.executable, "-m", "alignx.cli", "route", "--run-dir", cfg.run_dir,
+                        "--input", str(bad)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "line 1: field 'prompt'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_refuses_mismatched_or_missing_inputs(calibrated, tmp_path):
+    from alignx.router.calibrate import check_inputs
+
+    cfg, _ = calibrated
+    run = tmp_path / "run"
+    shutil.copytree(Path(cfg.run_dir) / "adapters", run / "adapters")
+    m = run / "adapters" / "honesty" / "manifest.json"
+    m.write_text(m.read_text().replace('"tiny-llama"', '"tiny-gemma"'))
+    with pytest.raises(ArtifactMismatchError, match="tiny-gemma"):
+        check_inputs(cfg.model_copy(update={"run_dir": str(run)}))
+    with pytest.raises(ArtifactNotFoundError, match="alignx train"):
+        check_inputs(cfg.model_copy(update={"run_dir": str(tmp_path / "empty")}))
+    one = cfg.model_copy(update={"axes": [AXES[2]]})
+    with pytest.raises(ValueError, match="at least two axes"):
+        check_inputs(one)
+
+
+def test_calibrate_job_submits_to_a_ray_start_cluster(tiny_run, tmp_path):
+    """`ray start --head` + `ray job submit jobs/calibrate_router.py`, as the README says."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run, ignore=shutil.ignore_patterns("ray_train", "router"))
+    env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS")
+    ray = str(Path(sys.executable).parent / "ray")
+    ports = ["--port=6391", "--dashboard-port=8271", "--ray-client-server-port=10071",
+             "--node-manager-port=10072", "--object-manager-port=10073"]
+    temp = Path("/tmp") / f"alignx-raystart-{os.getpid()}"  # unique: lets us stop only this cluster
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp}", *ports],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        t0 = time.time()
+        r = subprocess.run(
+            [ray, "job", "submit", "--address", "http://127.0.0.1:8271",
+             "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(REPO)}}),
+             "--", sys.executable, str(REPO / "jobs" / "calibrate_router.py"),
+             "--run-dir", str(run), "router.cpus_per_actor=0.2"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        assert "succeeded" in r.stdout.lower()
+        assert (run / "router" / "manifest.json").is_file()
+        assert time.time() - t0 < 600
+    finally:
+        _stop_cluster(temp)  # not `ray stop`: that would also kill this session's own Ray
+
+
+def _stop_cluster(temp: Path) -> None:
+    """SIGKILL every process whose command line names the cluster's temp dir (GCS, raylet,
+    dashboard, ...); its workers exit with their raylet."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+        except OSError:
+            continue
+        if str(temp) in cmd and int(proc.name) != os.getpid():
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
+    shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,99 @@
+"""Router metrics against values computed by hand on 4-row inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from alignx.router import metrics
+
+# argmax = 0, 1, 2, 0 ; labels 0, 1, 0, 1 -> rows 0 and 1 right, rows 2 and 3 wrong
+PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]])
+LABELS = np.array([0, 1, 0, 1])
+
+
+def test_accuracy() -> None:
+    assert metrics.accuracy(PROBS, LABELS) == pytest.approx(0.5)
+
+
+def test_macro_f1() -> None:
+    # class 0: tp=1 fp=1 fn=1 -> 0.5 ; class 1: tp=1 fp=0 fn=1 -> 2/3 ; class 2: tp=0 fp=1 -> 0
+    assert metrics.macro_f1(PROBS, LABELS) == pytest.approx((0.5 + 2 / 3 + 0.0) / 3)
+
+
+def test_nll() -> None:
+    expected = -(math.log(0.7) + math.log(0.6) + math.log(0.3) + math.log(0.4)) / 4
+    assert metrics.nll(PROBS, LABELS) == pytest.approx(expected)
+
+
+def test_nll_confident_miss_is_finite() -> None:
+    assert metrics.nll(np.array([[1.0, 0.0]]), np.array([1])) == pytest.approx(-math.log(1e-12))
+
+
+def test_brier() -> None:
+    # rows: 0.14, 0.26, 0.74, 0.62
+    assert metrics.brier(PROBS, LABELS) == pytest.approx(0.44)
+
+
+def test_ece_two_bins() -> None:
+    # bin (0, .5]: conf .4, .5 both wrong -> |0 - .45| ; bin (.5, 1]: .7, .6 right -> |1 - .65|
+    assert metrics.ece(PROBS, LABELS, n_bins=2) == pytest.approx((2 * 0.45 + 2 * 0.35) / 4)
+
+
+def test_ece_zero_when_calibrated() -> None:
+    probs = np.tile([0.75, 0.25], (4, 1))
+    assert metrics.ece(probs, np.array([0, 0, 0, 1])) == pytest.approx(0.0)
+
+
+def test_reliability_bins() -> None:
+    bins = metrics.reliability_bins(PROBS, LABELS, n_bins=2)
+    np.testing.assert_allclose(bins.edges, [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(bins.count, [2, 2])
+    np.testing.assert_allclose(bins.confidence, [0.45, 0.65])
+    np.testing.assert_allclose(bins.accuracy, [0.0, 1.0])
+
+
+def test_reliability_bins_empty_bin_is_nan() -> None:
+    bins = metrics.reliability_bins(PROBS, LABELS, n_bins=15)
+    assert bins.count.sum() == 4
+    assert np.isnan(bins.accuracy[0]) and bins.count[0] == 0
+
+
+def test_selective_accuracy() -> None:
+    # by confidence: .7 (right), .6 (right), .5 (wrong), .4 (wrong)
+    assert metrics.selective_accuracy(PROBS, LABELS, coverage=0.5) == pytest.approx(1.0)
+    assert metrics.selective_accuracy(PROBS, LABELS, coverage=0.75) == pytest.approx(2 / 3)
+    assert metrics.selective_accuracy(PROBS, LABELS, coverage=1.0) == pytest.approx(0.5)
+
+
+def test_auroc_with_ties() -> None:
+    # 0.9 beats 3 ; 0.4 beats 0.1, ties 0.4, loses to 0.5 -> 1.5 ; 0.6 beats 3 -> 7.5 / 9
+    assert metrics.auroc([0.9, 0.4, 0.6], [0.1, 0.4, 0.5]) == pytest.approx(7.5 / 9)
+    assert metrics.auroc([2.0, 3.0], [0.0, 1.0]) == pytest.approx(1.0)
+    assert metrics.auroc([0.0], [1.0]) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("probs", "labels", "match"),
+    [
+        (np.zeros((0, 3)), np.zeros(0, dtype=int), "empty"),
+        (PROBS, LABELS[:3], "disagree on N"),
+        (PROBS[0], LABELS[:1], "shape"),
+        (PROBS, np.array([0, 1, 3, 1]), r"\[0, 3\)"),
+        (PROBS, np.array([0.0, 1.0, 0.0, 1.0]), "integers"),
+    ],
+)
+def test_bad_input_names_the_argument(probs: np.ndarray, labels: np.ndarray, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        metrics.accuracy(probs, labels)
+
+
+def test_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="coverage"):
+        metrics.selective_accuracy(PROBS, LABELS, coverage=0.0)
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics.ece(PROBS, LABELS, n_bins=0)
+    with pytest.raises(ValueError, match="scores_neg"):
+        metrics.auroc([1.0], [])

@@ -1,0 +1,293 @@
+"""MoCaE router pieces on small synthetic clouds where the right answer is known."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignx.axes import AXES, Axis
+from alignx.router import metrics
+from alignx.router.mocae import (
+    FractalCalibrator,
+    MoCaEConfig,
+    MoCaERouter,
+    correlation_dimension,
+    epsilon_net,
+    fisher_rao_barycentre,
+    fisher_rao_distance,
+    fit_temperature,
+    route,
+)
+
+RADII = 0.05 * 2.0 ** np.arange(6)  # the default ladder: 0.05 .. 1.6
+
+
+def _clusters(n_per: int, d: int = 8, spread: float = 0.3, seed: int = 0):
+    """Three well-separated Gaussian clusters at 5 e_0, 5 e_1, 5 e_2 in R^d; labels 0, 1, 2."""
+    rng = np.random.default_rng(seed)
+    centres = 5.0 * np.eye(d)[:3]
+    x = np.concatenate([c + spread * rng.standard_normal((n_per, d)) for c in centres])
+    y = np.repeat(np.arange(3), n_per)
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def fitted_router() -> tuple[MoCaERouter, np.ndarray, np.ndarray]:
+    x_tr, y_tr = _clusters(60, seed=0)
+    x_va, y_va = _clusters(20, seed=1)
+    cfg = MoCaEConfig(latent_dim=256, lr=1e-2, max_epochs=60, ood_radius=1.0)
+    router = MoCaERouter(cfg).fit(x_tr, y_tr, x_va, y_va)
+    x_te, y_te = _clusters(30, seed=2)
+    return router, x_te, y_te
+
+
+# --------------------------------------------------------------------------- fractal pieces
+def test_correlation_dimension_of_a_line_is_one() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 10, size=2000)[:, None]
+    direction = np.array([[1.0, 2.0, -1.0]]) / math.sqrt(6)
+    dim, _ = correlation_dimension(t * direction, RADII)
+    assert dim == pytest.approx(1.0, abs=0.1)
+
+
+def test_correlation_dimension_of_a_plane_is_two() -> None:
+    rng = np.random.default_rng(0)
+    uv = rng.uniform(0, 10, size=(2000, 2))
+    basis = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    basis[0] /= math.sqrt(2)
+    dim, _ = correlation_dimension(uv @ basis, RADII)
+    assert dim == pytest.approx(2.0, abs=0.2)
+
+
+def test_correlation_dimension_needs_radii_that_span_the_cloud() -> None:
+    with pytest.raises(ValueError, match="widen the radii"):
+        correlation_dimension(np.zeros((10, 3)) + np.arange(10)[:, None] * 100.0, RADII)
+
+
+def test_epsilon_net_covers_every_point() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.uniform(0, 1, size=(700, 2)).astype(np.float32)
+    leaders, counts = epsilon_net(z, 0.1, chunk=128)  # several blocks
+    assert counts.sum() == len(z)
+    dist = np.linalg.norm(z[:, None, :] - leaders[None, :, :], axis=2)
+    assert dist.min(axis=1).max() <= 0.1 + 1e-6  # every point within epsilon of a leader
+    lead_d = np.linalg.norm(leaders[:, None] - leaders[None], axis=2) + np.eye(len(leaders)) * 9
+    assert lead_d.min() > 0.1  # leaders are epsilon-separated
+    assert len(leaders) < len(z)
+
+
+def _sphere_cloud(direction: np.ndarray, n: int, spread: float, rng) -> np.ndarray:
+    z = direction + spread * rng.standard_normal((n, direction.size))
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def test_far_away_point_is_ood_and_gets_uniform_weights() -> None:
+    rng = np.random.default_rng(0)
+    e = np.eye(4)
+    z = np.concatenate([_sphere_cloud(e[a], 80, 0.05, rng) for a in range(3)])
+    y = np.repeat(np.arange(3), 80)
+    cal = FractalCalibrator.fit(z, y, 3, epsilon=0.05, n_scales=6)
+    far = -(e[0] + e[1] + e[2]) / math.sqrt(3)  # 1.78 from every cloud centre > r_max = 1.6
+    query = np.stack([_sphere_cloud(e[1], 1, 0.05, rng)[0], far])  # near axis 1 ; far away
+    out = cal.log_rho(query)
+    assert out["ood"].tolist() == [False, True]
+    for mode in ("corr_integral", "knn"):
+        c_f = cal.probs(out[mode], out["ood"], mode)
+        assert c_f[0].argmax() == 1
+        np.testing.assert_allclose(c_f[1], np.full(3, 1 / 3))
+
+
+def test_knn_mode_gives_a_compact_cloud_its_own_centre() -> None:
+    # axis 0 is diffuse, axis 1 compact; a query at the compact cloud's centre belongs to it
+    rng = np.random.default_rng(1)
+    e = np.eye(6)
+    z = np.concatenate([_sphere_cloud(e[0], 200, 0.6, rng), _sphere_cloud(e[1], 200, 0.05, rng)])
+    y = np.repeat([0, 1], 200)
+    cal = FractalCalibrator.fit(z, y, 2)
+    out = cal.log_rho(e[1][None, :])
+    assert cal.probs(out["knn"], out["ood"], "knn")[0].argmax() == 1
+
+
+# --------------------------------------------------------------------------- natural pieces
+def test_fisher_rao_distance_to_itself_is_zero_and_to_a_vertex_follows_the_formula() -> None:
+    p = np.array([[0.25, 0.25, 0.5]])
+    assert fisher_rao_distance(p, p)[0, 0] == pytest.approx(0.0, abs=1e-6)
+    vertices = np.eye(3)
+    d = fisher_rao_distance(p, vertices)[0]
+    np.testing.assert_allclose(d, 2 * np.arccos(np.sqrt(p[0])))  # 2 arccos sqrt(p_j)
+    assert d[2] == pytest.approx(math.pi / 2)
+    assert fisher_rao_distance(np.eye(3)[:1], np.eye(3)[1:2])[0, 0] == pytest.approx(math.pi)
+
+
+def test_fisher_rao_barycentre_in_sqrt_space() -> None:
+    p = np.array([[0.2, 0.3, 0.5]])
+    np.testing.assert_allclose(fisher_rao_barycentre(np.repeat(p, 4, axis=0)), p[0])
+    np.testing.assert_allclose(fisher_rao_barycentre(np.eye(3)[:2]), [0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="empty"):
+        fisher_rao_barycentre(np.zeros((0, 3)))
+
+
+# --------------------------------------------------------------------------- temperature
+def test_temperature_scaling_fixes_an_overconfident_set() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 1.5, size=(3000, 3))
+    p_true = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=p) for p in p_true])
+    logits = 4.0 * true_logits  # an overconfident model: 4x too sharp
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(4.0, rel=0.15)
+    raw = np.exp(logits - logits.max(1, keepdims=True))
+    raw /= raw.sum(1, keepdims=True)
+    scaled = np.exp(logits / t - (logits / t).max(1, keepdims=True))
+    scaled /= scaled.sum(1, keepdims=True)
+    assert metrics.nll(scaled, labels) < metrics.nll(raw, labels)
+    assert metrics.ece(scaled, labels) < metrics.ece(raw, labels)
+    assert metrics.accuracy(scaled, labels) == metrics.accuracy(raw, labels)
+
+
+def test_router_temperature_does_not_raise_validation_nll(fitted_router) -> None:
+    router, _, _ = fitted_router
+    # T is fitted on validation NLL, and T = 1 is a candidate: NLL cannot get worse there
+    assert router.val_nll["temperature"] <= router.val_nll["temperature"] + 1e-12
+    x_va, y_va = _clusters(20, seed=1)
+    rows = router.ablation_probs(x_va)
+    assert metrics.nll(rows["temperature"], y_va) <= metrics.nll(rows["raw_softmax"], y_va) + 1e-6
+
+
+# --------------------------------------------------------------------------- dispatch
+def test_route_top1_and_threshold() -> None:
+    p_hat = np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]])
+    conf = p_hat.max(1)
+    ood = np.array([False, False, True])
+    assert route(p_hat, conf, ood, "top1").tolist() == [0, 0, 2]
+    harmless = AXES.index(Axis.HARMLESSNESS)
+    assert route(p_hat, conf, ood, "threshold", 0.5).tolist() == [0, harmless, harmless]
+    assert route(p_hat, conf, ood, "threshold", 0.3, fallback="honesty").tolist() == [0, 0, 2]
+    assert route(p_hat[0], conf[:1], ood[:1], "threshold", 0.9).tolist() == [harmless]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"policy": "blend"}, "policy"),
+        ({"policy": "threshold", "threshold": 1.5}, "threshold"),
+        ({"policy": "threshold", "fallback": "kindness"}, "unknown axis"),
+        ({"policy": "threshold", "fallback": Axis.HONESTY, "axes": AXES[:2]}, "columns"),
+    ],
+)
+def test_route_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    p_hat = np.array([[0.7, 0.2, 0.1]])
+    with pytest.raises(ValueError, match=match):
+        route(p_hat, p_hat.max(1), np.array([False]), **kwargs)
+
+
+# --------------------------------------------------------------------------- the router
+def test_separated_clusters_are_routed_correctly(fitted_router) -> None:
+    router, x_te, y_te = fitted_router
+    res = router.predict(x_te)
+    assert (res.axis_idx == y_te).all()
+    assert not res.ood.any()
+    rows = router.ablation_probs(x_te)
+    for name in (
+        "raw_softmax",
+        "temperature",
+        "fractal_knn",
+        "natural",
+        "mocae_fixed",
+        "mocae_fitted",
+        "mocae",
+    ):
+        assert metrics.accuracy(rows[name], y_te) == 1.0, name
+
+
+def test_weights_are_a_distribution(fitted_router) -> None:
+    router, x_te, _ = fitted_router
+    rng = np.random.default_rng(3)
+    queries = np.concatenate([x_te, rng.normal(0, 5, size=(40, x_te.shape[1]))])
+    res = router.predict(queries)
+    assert res.weights.shape == (len(queries), 3)
+    assert np.all(res.weights >= 0) and np.all(res.weights <= 1)
+    np.testing.assert_allclose(res.weights.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(res.confidence, res.weights.max(axis=1))
+    for name, p in router.ablation_probs(queries).items():
+        if p.ndim == 2:
+            np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9, err_msg=name)
+
+
+def test_query_off_every_cluster_is_flagged_ood(fitted_router) -> None:
+    router, x_te, _ = fitted_router
+    far = router.mean + 5.0 * np.eye(8)[5]  # orthogonal to every cluster direction
+    res = router.predict(far)
+    assert res.ood.tolist() == [True]
+    assert res.ood_score[0] > router.predict(x_te).ood_score.max()
+    np.testing.assert_allclose(router.ablation_probs(far[None])["fractal"][0], 1 / 3)
+
+
+def test_effective_latent_dim_is_recorded(fitted_router) -> None:
+    router, _, _ = fitted_router
+    _, meta = router.state()
+    assert router.projection.shape == (8, 8)  # min(k=256, d=8, N-1)
+    assert meta["latent_dim"] == 8 and meta["feature_dim"] == 8
+
+
+def test_save_load_round_trip_gives_identical_predictions(fitted_router, tmp_path: Path) -> None:
+    router, x_te, _ = fitted_router
+    router.save(tmp_path / "router")
+    assert sorted(p.name for p in (tmp_path / "router").iterdir()) == [
+        "router.json",
+        "router.safetensors",
+    ]
+    loaded = MoCaERouter.load(tmp_path / "router")
+    a, b = router.predict(x_te), loaded.predict(x_te)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(a.ood, b.ood)
+    assert loaded.axes == router.axes and loaded.fractal_mode == router.fractal_mode
+
+
+def test_load_refuses_an_unreadable_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read a MoCaE router"):
+        MoCaERouter.load(tmp_path)
+
+
+def test_one_request_routes_well_under_a_millisecond(fitted_router) -> None:
+    router, x_te, _ = fitted_router
+    router.predict(x_te[0])
+    times = []
+    for i in range(50):
+        t0 = time.perf_counter()
+        router.predict(x_te[i % len(x_te)])
+        times.append(time.perf_counter() - t0)
+    assert np.median(times) < 1e-3  # generous: a loaded 2-core CI box still passes
+
+
+def test_fit_rejects_bad_sets() -> None:
+    x, y = _clusters(10)
+    router = MoCaERouter(MoCaEConfig(max_epochs=2))
+    with pytest.raises(ValueError, match="no example of axis"):
+        router.fit(x[y == 0], y[y == 0], x, y)  # one-axis training set
+    with pytest.raises(ValueError, match="y_train must have shape"):
+        router.fit(x, y[:-1], x, y)
+    with pytest.raises(ValueError, match="feature dimension"):
+        router.fit(x, y, x[:, :4], y)
+    with pytest.raises(ValueError, match="h_train is empty"):
+        router.fit(np.zeros((0, 8)), np.zeros(0, dtype=int), x, y)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        router.predict(x)
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="calibration_weights"):
+        MoCaEConfig(calibration_weights=(0.7, 0.7))
+    with pytest.raises(ValueError, match="fractal_mode"):
+        MoCaEConfig(fractal_mode="box")  # type: ignore[arg-type]
+
+
+def test_labels_may_be_axis_names(fitted_router) -> None:
+    x, y = _clusters(15, seed=4)
+    names = [AXES[i].value for i in y]
+    router = MoCaERouter(MoCaEConfig(max_epochs=5, lr=1e-2)).fit(x, names, x, names)
+    assert router.evaluate(x, names)["mocae"]["accuracy"] == 1.0
