@@ -178,7 +178,7 @@ def stage1_report(cfg: AlignXConfig, max_examples: int | None = None) -> dict[st
         "answer_loss": losses,
         "own_axis_best": checks,
         "task_vector_cosine": tv,
-        "config_hash": cfg.config_hash(),
+        "config_hash": cfg.stage_hash("train"),  # the adapters it describes
     }
     report["table"] = format_table(report)
     write_json_atomic(layout.stage1_report, report)

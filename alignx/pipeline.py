@@ -67,17 +67,45 @@ def run_train(
     return out
 
 
+def _finished(path, stage_hash: str) -> bool:
+    """A stage whose JSON output exists and records the same stage hash is finished."""
+    from alignx.artifacts import read_json
+
+    try:
+        return path.is_file() and read_json(path).get("config_hash") == stage_hash
+    except ValueError:  # unreadable: redo
+        return False
+
+
 def run_pipeline(cfg: AlignXConfig, force: bool = False) -> None:
-    """prepare -> train all axes (+ multi-task) -> stage-1 report."""
+    """prepare -> train all axes (+ multi-task) -> stage-1 report -> calibrate the router.
+
+    Every stage is skipped when its output exists and was made from the same config sections.
+    """
     from alignx.interference import stage1_report
+    from alignx.router.calibrate import calibrate_router, format_report
 
     t0 = time.time()
     layout = ArtifactLayout(cfg.run_dir)
-    log.info("[1/3] prepare data -> %s", layout.root / "data")
+    layout.save_config(cfg)
+    log.info("[1/4] prepare data -> %s", layout.root / "data")
     run_prepare(cfg)
-    log.info("[2/3] train %d experts concurrently + multi-task baseline", len(cfg.axes))
+    log.info("[2/4] train %d experts concurrently + multi-task baseline", len(cfg.axes))
     run_train(cfg, list(cfg.axes), multitask=True, force=force)
-    log.info("[3/3] stage-1 report")
-    report = stage1_report(cfg)
-    print(report["table"], flush=True)
+    if not force and _finished(layout.stage1_report, cfg.stage_hash("train")):
+        log.info("[3/4] stage-1 report is up to date; skipping")
+    else:
+        log.info("[3/4] stage-1 report")
+        print(stage1_report(cfg)["table"], flush=True)
+    router_manifest = layout.root / "router" / "manifest.json"
+    if not force and _finished(router_manifest, cfg.stage_hash("calibrate")):
+        log.info("[4/4] router is up to date; skipping")
+    else:
+        from alignx.artifacts import read_json
+        from alignx.train.trainer import ensure_ray
+
+        log.info("[4/4] calibrate the MoCaE router")
+        ensure_ray()
+        calibrate_router(cfg)
+        print(format_report(read_json(layout.root / "router" / "router_report.json")), flush=True)
     print(f"pipeline finished in {time.time() - t0:.0f}s; artifacts in {layout.root}", flush=True)

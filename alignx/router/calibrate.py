@@ -101,7 +101,7 @@ def embed_texts(cfg: AlignXConfig, texts: list[str]) -> np.ndarray:
         _EmbedActor,
         fn_constructor_kwargs={"kind": cfg.router.encoder, "model_cfg": cfg.model.model_dump(mode="json")},
         batch_size=cfg.router.embed_batch_size,
-        concurrency=cfg.router.embed_actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.router.embed_actors),
         num_cpus=cfg.router.cpus_per_actor,
         batch_format="numpy",
     )
@@ -309,6 +309,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                     y_te, out_dir / "reliability.png",
                     f"router reliability, test split ({cfg.router.encoder} encoder)")
     router.save(out_dir)
+    layout.save_config(cfg, "router/config.yaml")  # the resolved config this router came from
     write_json_atomic(out_dir / "router_report.json", report)
     manifest = {
         "axes": [a.value for a in axes],

@@ -63,10 +63,13 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray() -> None:
-    """Start a local Ray if none is initialised (a cluster or a Ray job's ``ray.init`` wins).
+    """Connect to Ray: attach to ``$RAY_ADDRESS`` if set, else start a local Ray.
 
-    Workers get the project's environment variables (:func:`alignx.envs.ray_runtime_env_vars`)
-    and ``PYTHONPATH`` pointing at this checkout, so they import the same ``alignx``.
+    Inside a Ray job (whose driver Ray gives ``RAY_ADDRESS``) or against a cluster named by
+    ``RAY_ADDRESS``, the job's / cluster's runtime environment applies: passing another one
+    here would fail to merge with it. A local Ray gives workers the project's environment
+    variables (:func:`alignx.envs.ray_runtime_env_vars`) and ``PYTHONPATH`` pointing at this
+    checkout, so they import the same ``alignx``.
     """
     import ray
 
@@ -74,6 +77,10 @@ def ensure_ray() -> None:
         return
     for k, v in RAY_ENV_DEFAULTS.items():  # the driver's own Ray services need them too
         os.environ.setdefault(k, v)
+    if os.environ.get("RAY_ADDRESS"):
+        log.info("attaching to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init()
+        return
     env = ray_runtime_env_vars()
     repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
@@ -243,7 +250,8 @@ def fit_adapter(
         config_hash=cfg.stage_hash("train"),
         ray_run=str(result.path),
     )
-    write_json_atomic(layout.adapter_manifest(name), manifest)
+    layout.save_config(cfg, f"adapters/{name}/config.yaml")  # the resolved config it came from
+    write_json_atomic(layout.adapter_manifest(name), manifest)  # last: the adapter is complete
     log.info(
         "[%s] adapter -> %s (%d steps, train loss %s, eval %s, %.0f s)",
         name,

@@ -22,15 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def calibrated(tiny_run, tmp_path_factory):
-    from alignx.router.calibrate import calibrate_router
-
-    run = tmp_path_factory.mktemp("cal") / "run"
-    shutil.copytree(tiny_run.run_dir, run, ignore=shutil.ignore_patterns("ray_train"))
-    cfg = tiny_run.model_copy(update={"run_dir": str(run)})
-    cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"cpus_per_actor": 0.2})})
-    manifest = calibrate_router(cfg)
-    return cfg, manifest
+def calibrated(tiny_run):
+    """The session's tiny run: `alignx pipeline` already calibrated its router."""
+    return tiny_run, read_json(Path(tiny_run.run_dir) / "router" / "manifest.json")
 
 
 def test_calibration_writes_router_report_plot_and_manifest(calibrated):
@@ -96,8 +90,9 @@ def test_calibrate_job_submits_to_a_ray_start_cluster(tiny_run, tmp_path):
     env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS")
     ray = str(Path(sys.executable).parent / "ray")
-    ports = ["--port=6391", "--dashboard-port=8271", "--ray-client-server-port=10071",
-             "--node-manager-port=10072", "--object-manager-port=10073"]
+    # ports apart from the session's own cluster (6379/8265/52365) and Ray's worker range
+    ports = ["--port=6391", "--dashboard-port=8271", "--ray-client-server-port=23071",
+             "--dashboard-agent-listen-port=23072"]
     temp = Path("/tmp") / f"alignx-raystart-{os.getpid()}"  # unique: lets us stop only this cluster
     subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1",
                     "--dashboard-host=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp}", *ports],
