@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -389,6 +389,16 @@ class AlignXRouter:
                                temperature=req.temperature, top_p=req.top_p,
                                stop=req.stop_list(), request_id=rid)
 
+    def _raise_expert_error(self, err: Exception, axis: Axis, routing: Any, route_ms: float,
+                            t0: float, base_log: dict[str, Any]) -> NoReturn:
+        """Record a failed expert call, then raise it as an APIError (4xx/503) or as it was."""
+        mapped = self._map_expert_error(err)
+        self._record(axis, routing, route_ms, (time.perf_counter() - t0) * 1000,
+                     mapped.status if mapped else 500, base_log)
+        if mapped is None:
+            raise err
+        raise mapped from None
+
     def _map_expert_error(self, err: BaseException) -> APIError | None:
         if self.overload_errors and isinstance(err, self.overload_errors):
             return APIError(503, "the expert is overloaded; retry later", "overloaded_error",
@@ -433,12 +443,7 @@ class AlignXRouter:
         try:
             raw = await handle.generate.remote(payload)
         except Exception as err:  # noqa: BLE001 - mapped to 4xx/503 or re-raised as is
-            mapped = self._map_expert_error(err)
-            self._record(axis, routing, route_ms, (time.perf_counter() - t0) * 1000,
-                         mapped.status if mapped else 500, base_log)
-            if mapped is None:
-                raise
-            raise mapped from None
+            self._raise_expert_error(err, axis, routing, route_ms, t0, base_log)
         result = raw if isinstance(raw, GenerateResult) else GenerateResult.model_validate(raw)
         expert_ms = (time.perf_counter() - t0) * 1000
         result = result.model_copy(update={"expert_ms": expert_ms})
@@ -479,13 +484,8 @@ class AlignXRouter:
             first: StreamDelta | dict[str, Any] = await agen.__anext__()
         except StopAsyncIteration:
             first = StreamDelta()
-        except Exception as err:  # noqa: BLE001
-            mapped = self._map_expert_error(err)
-            self._record(axis, routing, route_ms, (time.perf_counter() - t0) * 1000,
-                         mapped.status if mapped else 500, base_log)
-            if mapped is None:
-                raise
-            raise mapped from None
+        except Exception as err:  # noqa: BLE001 - mapped to 4xx/503 or re-raised as is
+            self._raise_expert_error(err, axis, routing, route_ms, t0, base_log)
         created = int(time.time())
 
         def chunk(delta: DeltaMessage, finish: str | None = None, info: AlignXInfo | None = None,
