@@ -163,7 +163,9 @@ def test_killing_an_expert_replica_keeps_the_service_answering(served):
     from ray.util.state import list_actors
 
     dep = "expert-harmlessness"
-    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # address: this session's cluster (another Ray on the machine would make discovery ambiguous)
+    gcs = ray.get_runtime_context().gcs_address
+    actors = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=1000)
               if a.class_name.endswith(f":{dep}") and a.name]
     assert actors, "no replica actor found"
     with cf.ThreadPoolExecutor(1) as bg:
