@@ -30,7 +30,7 @@ from alignx.artifacts import (
     write_json_atomic,
 )
 from alignx.router import metrics as rmetrics
-from alignx.router.features import build_encoder, router_text
+from alignx.router.features import build_encoder, encoder_id, router_text
 
 if TYPE_CHECKING:
     from alignx.config import AlignXConfig
@@ -291,7 +291,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "math, markup, other languages, noise)",
     }
     report = {
-        "encoder": router_encoder_id(cfg),
+        "encoder": encoder_id(cfg.router.encoder, cfg.model),
         "targets": cfg.router.targets,
         "counts": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te),
                    "intent_set": len(set_y), "intent_seeds": len(seed_y), "ood": len(ood_texts)},
@@ -331,15 +331,6 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     }
     write_json_atomic(out_dir / "manifest.json", manifest)  # last: the router is complete
     return manifest
-
-
-def router_encoder_id(cfg: AlignXConfig) -> str:
-    """The encoder id recorded in the manifest (serving refuses a different one)."""
-    from alignx.modeling import base_model_id
-
-    if cfg.router.encoder == "base":
-        return f"base:{base_model_id(cfg.model)}"
-    return "sentence:all-MiniLM-L6-v2"
 
 
 def format_report(report: dict[str, Any]) -> str:

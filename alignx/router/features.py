@@ -77,12 +77,12 @@ class BaseModelEncoder:
     """Mean-pooled last hidden state of the frozen base model over the prompt's tokens."""
 
     def __init__(self, model_cfg: ModelCfg, model=None, tokenizer=None, max_tokens: int = 256):
-        from alignx.modeling import base_model_id, load_base
+        from alignx.modeling import load_base
 
         if model is None or tokenizer is None:
             model, tokenizer = load_base(model_cfg)
         self.model, self.tok, self.max_tokens = model, tokenizer, max_tokens
-        self.id = f"base:{base_model_id(model_cfg)}"
+        self.id = encoder_id("base", model_cfg)
         self.dim = int(model.config.hidden_size)
 
     @torch.no_grad()
@@ -101,6 +101,14 @@ class BaseModelEncoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
             out.append(pooled.float().cpu().numpy())
         return np.concatenate(out, axis=0) if out else np.zeros((0, self.dim), np.float32)
+
+
+def encoder_id(kind: EncoderKind, model_cfg: ModelCfg) -> str:
+    """The id an encoder of ``kind`` reports, without loading it (the calibration job records it
+    in the router manifest; serving refuses an encoder whose id differs)."""
+    from alignx.modeling import base_model_id
+
+    return f"base:{base_model_id(model_cfg)}" if kind == "base" else SentenceEncoder.id
 
 
 def build_encoder(kind: EncoderKind, model_cfg: ModelCfg) -> Encoder:

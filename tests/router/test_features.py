@@ -32,3 +32,11 @@ def test_sentence_encoder_is_unit_norm_and_semantic():
     assert x.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     assert x[0] @ x[1] > x[0] @ x[2]
+
+
+def test_encoder_id_without_loading_matches_the_loaded_encoders():
+    from alignx.router.features import encoder_id
+
+    cfg = ModelCfg(name="tiny-llama")
+    assert encoder_id("base", cfg) == BaseModelEncoder(cfg).id
+    assert encoder_id("sentence", cfg) == build_encoder("sentence", cfg).id
