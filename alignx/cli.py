@@ -28,6 +28,7 @@ examples:
   alignx config --config jobs/configs/tiny.yaml train.lora.rank=8
   ALIGNX_DATA_DIR=../shared/data alignx train --config jobs/configs/smollm2_cpu.yaml --run-dir runs/s --all
   alignx pipeline --config jobs/configs/smollm2_cpu.yaml --run-dir runs/s
+  alignx submit pipeline --address http://HEAD:8265 -c jobs/configs/mistral7b.yaml -r /mnt/shared/runs/m7b
 """
 
 
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pipeline", cmd_pipeline,
             "run every stage in order (prepare -> train all + multi-task -> stage-1 report), resumable")
     p.add_argument("--force", action="store_true", help="redo stages even if finished")
+    from alignx.submit import add_cluster_commands
+
+    add_cluster_commands(sub, _add_common)  # `alignx submit` / `alignx jobs` (cluster/README.md)
     return parser
 
 

@@ -7,6 +7,7 @@ knobs lives in one place.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -34,10 +35,29 @@ RAY_ENV_DEFAULTS: dict[str, str] = {
 }
 
 
+_SECRET_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIALS", "APIKEY"}
+_NOT_SECRET_SUFFIXES = ("_PATH", "_FILE", "_ENV", "_MODE")
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an env var name looks like a credential (``HF_TOKEN``, ``OPENAI_API_KEY``, ...).
+
+    Names ending in ``_PATH``/``_FILE``/``_ENV``/``_MODE`` point at or describe a secret and
+    are not one (``RAY_AUTH_TOKEN_PATH``, ``RAY_AUTH_MODE``, ``api_key_env``).
+    """
+    upper = name.upper()
+    if upper.endswith(_NOT_SECRET_SUFFIXES):
+        return False
+    return bool(set(re.split(r"[^A-Z0-9]+", upper)) & _SECRET_PARTS)
+
+
 def ray_runtime_env_vars() -> dict[str, str]:
-    """Env vars forwarded to Ray workers: the defaults plus the ALIGNX_/HF_/DS_/RAY_AUTH ones set here."""
+    """Env vars forwarded to Ray workers: the defaults plus the ALIGNX_/HF_/DS_/RAY_AUTH ones set
+    here, except credentials (``HF_TOKEN``...): a runtime env is stored in Ray's job table and
+    shown by the dashboard, and workers of a local Ray inherit this process's environment anyway."""
     out = dict(RAY_ENV_DEFAULTS)
     for k, v in os.environ.items():
-        if k.startswith(("ALIGNX_", "HF_", "DS_ACCELERATOR", "RAY_AUTH_MODE", "OMP_NUM_THREADS")):
+        if k.startswith(("ALIGNX_", "HF_", "DS_ACCELERATOR", "RAY_AUTH_MODE", "OMP_NUM_THREADS")) \
+                and not looks_secret(k):
             out[k] = v
     return out

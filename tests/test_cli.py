@@ -13,7 +13,7 @@ def test_every_subcommand_has_help_and_common_flags():
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():
         text = p.format_help()
-        if name != "models":
+        if name not in ("models", "jobs"):  # `jobs` talks to a cluster, it has no config
             assert "--config" in text and "--run-dir" in text and "KEY=VALUE" in text, name
 
 
