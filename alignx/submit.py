@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from alignx.envs import looks_secret
+from alignx.envs import log_level, looks_secret
 
 #: Stage -> its Ray job launcher, relative to the project root (each wraps one `alignx` command).
 STAGES: dict[str, str] = {
@@ -279,7 +279,12 @@ def _translate(address: str, err: BaseException) -> ClusterError:
         return ClusterError(f"cannot reach the Ray dashboard at {address}: is the cluster up "
                             "(`ray start --head` / `ray up`, or `kubectl port-forward` to port "
                             "8265)? check --address / RAY_ADDRESS")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip(" .")]
+    if not lines:
+        return ClusterError(f"{address}: {type(err).__name__}")
+    first = lines[0]
+    if "Traceback (most recent call last)" in first:  # a server-side error: keep its last line
+        first = first.split("Traceback")[0].rstrip(": ") + ": " + lines[-1].rstrip(".")
     return ClusterError(f"{address}: {first}")
 
 
@@ -309,9 +314,14 @@ def _client_errors() -> tuple[type[BaseException], ...]:
 
 def connect(address: str | None) -> Cluster:
     """A client for the cluster's Jobs API, or a one-line :class:`ClusterError`."""
+    import logging
+
     from ray.job_submission import JobSubmissionClient
 
     addr = resolve_address(address)
+    if log_level() != "DEBUG":  # Ray's client narrates packaging on stderr; our lines suffice
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # the latter pins INFO
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return Cluster(JobSubmissionClient(addr), addr)
     except _client_errors() as e:

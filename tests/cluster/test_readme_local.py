@@ -146,3 +146,24 @@ def test_token_auth_is_enforced(readme_cluster):
                                    "refused the token"), wrong.stderr
     off = _alignx(["jobs"], dict(env, RAY_AUTH_MODE="disabled"))
     assert off.returncode == 2 and "requires a token" in off.stderr, off.stderr
+
+
+def test_no_wait_returns_the_id_and_the_job_can_be_stopped(readme_cluster, tmp_path):
+    r, env, _, script = readme_cluster
+    assert r.returncode == 0
+    submit = next(ln for ln in script.splitlines() if ln.startswith("alignx submit prepare"))
+    argv = shlex.split(submit)[1:]
+    argv[argv.index("--run-dir") + 1] = str(tmp_path / "run")
+    sub = _alignx([*argv, "--no-wait", "--submission-id", "alignx-readme-nowait"], env)
+    assert sub.returncode == 0, sub.stderr
+    assert sub.stdout.strip().splitlines()[-1] == "alignx-readme-nowait"
+    stop = _alignx(["jobs", "stop", "alignx-readme-nowait"], env)
+    assert stop.returncode == 0, stop.stderr
+    # a 3-second job may finish before the stop arrives: either way it ends, and says which
+    assert re.match(r"alignx-readme-nowait: (stop requested|already finished) \(status \w+\)",
+                    stop.stdout), stop.stdout
+    again = _alignx([*argv, "--no-wait", "--submission-id", "alignx-readme-nowait"], env)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    assert again.stderr.strip().splitlines() == [
+        "error: http://127.0.0.1:8400: Request failed with status code 500: ValueError: Job with "
+        "submission_id alignx-readme-nowait already exists. Please use a different submission_id"]
