@@ -142,7 +142,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     src = sys.stdin if args.input in (None, "-") else open(args.input, encoding="utf-8")
     with src:
         lines = src.readlines()
-    for row in route_prompts(cfg.run_dir, lines, cfg.model):
+    from alignx.storage import run_location
+
+    for row in route_prompts(run_location(cfg) or cfg.run_dir, lines, cfg.model):
         print(json.dumps(row), flush=True)
     return 0
 
@@ -152,11 +154,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from alignx.serve.app import build_app
+    from alignx.storage import run_location
     from alignx.train.trainer import ensure_ray
 
     cfg = resolve(args)
     app_args = {
-        "run_dir": cfg.run_dir,
+        "run_dir": run_location(cfg) or cfg.run_dir,  # every replica's node sees shared storage
         "config": str(Path(cfg.run_dir) / "config.yaml"),
         "encoder": cfg.router.encoder,
         "policy": cfg.router.policy,
@@ -245,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from alignx.artifacts import ArtifactMismatchError, ArtifactNotFoundError
     from alignx.config import AlignXConfigError
+    from alignx.storage import StorageError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     user_errors: tuple[type[BaseException], ...] = (
         AlignXConfigError, ArtifactMismatchError, ArtifactNotFoundError, ImportError,
-        FileNotFoundError,
+        FileNotFoundError, StorageError,
     )
     try:
         from alignx.data.sources import DataFormatError

@@ -187,6 +187,12 @@ class AlignXConfig(_Section):
     """The whole run: model, data, training (and, as they land, router/serve/eval)."""
 
     run_dir: str = Field("runs/default", description="Artifacts of this run (set with --run-dir).")
+    storage: str | None = Field(
+        None, description="Shared storage every node sees: a local/NFS path, file:///path, "
+        "s3://bucket/prefix or gs://bucket/prefix (S3 endpoint: ?endpoint_override=host:port"
+        "&scheme=http or AWS_ENDPOINT_URL_S3). The run and its Ray Train checkpoints live at "
+        "<storage>/<run_dir name>; run_dir is each node's local working copy. Unset: run_dir only.",
+    )
     axes: list[Axis] = Field(default_factory=lambda: list(AXES), description="Axes to train and route.")
     model: ModelCfg = ModelCfg()
     data: DataCfg = DataCfg()
@@ -203,6 +209,13 @@ class AlignXConfig(_Section):
             raise ValueError(f"axes has duplicates: {[a.value for a in v]}")
         return v
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        from alignx.storage import check_storage
+
+        return None if v is None else check_storage(v)
+
     @model_validator(mode="after")
     def _check(self) -> AlignXConfig:
         missing = [a.value for a in self.axes if a not in self.data.sources]
@@ -213,9 +226,10 @@ class AlignXConfig(_Section):
         return self
 
     def config_hash(self) -> str:
-        """Short hash of everything but ``run_dir``: equal hashes mean equal runs."""
+        """Short hash of everything but ``run_dir``/``storage``: equal hashes mean equal runs."""
         d = self.model_dump(mode="json")
         d.pop("run_dir", None)
+        d.pop("storage", None)  # where a run is kept does not change what it computes
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def stage_hash(self, stage: str) -> str:
@@ -316,6 +330,8 @@ def load_config(
     cfg = validate_config(tree, src)
     # Ray workers run in another working directory: pin relative local paths here, on the driver.
     upd: dict[str, Any] = {"run_dir": _absolute(cfg.run_dir)}
+    if cfg.storage is not None:
+        upd["storage"] = _absolute(cfg.storage)
     if cfg.data.data_dir is not None:
         upd["data"] = cfg.data.model_copy(update={"data_dir": _absolute(cfg.data.data_dir)})
     return cfg.model_copy(update=upd)

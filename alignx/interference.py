@@ -135,8 +135,11 @@ def stage1_report(cfg: AlignXConfig, max_examples: int | None = None) -> dict[st
     from peft import PeftModel
 
     from alignx.modeling import base_model_id, load_base
+    from alignx.storage import fetch, publish
 
     layout = ArtifactLayout(cfg.run_dir)
+    fetch(cfg, *(layout.data_dir(a) for a in cfg.axes),  # with shared storage: finished copies
+          *(layout.adapter_dir(a) for a in [*cfg.axes, MULTITASK]))
     systems: dict[str, Path] = {}
     for a in cfg.axes:
         m = layout.load_adapter_manifest(a)
@@ -182,6 +185,7 @@ def stage1_report(cfg: AlignXConfig, max_examples: int | None = None) -> dict[st
     }
     report["table"] = format_table(report)
     write_json_atomic(layout.stage1_report, report)
+    publish(cfg, layout.stage1_report)
     return report
 
 

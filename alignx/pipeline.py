@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alignx.artifacts import MULTITASK, AdapterManifest, ArtifactLayout
@@ -30,10 +31,9 @@ def run_prepare(cfg: AlignXConfig) -> None:
 
 def _finished_adapter(cfg: AlignXConfig, name: str) -> AdapterManifest | None:
     layout = ArtifactLayout(cfg.run_dir)
-    if not layout.adapter_manifest(name).is_file():
+    if not _done(cfg, layout.adapter_manifest(name), "train"):
         return None
-    m = layout.load_adapter_manifest(name)
-    return m if m.config_hash == cfg.stage_hash("train") else None
+    return layout.load_adapter_manifest(name)
 
 
 def run_train(
@@ -43,12 +43,14 @@ def run_train(
 
     Adapters already trained from the same config sections are reused unless ``force``.
     """
+    from alignx.storage import remove
     from alignx.train.trainer import run_name, train_all
 
     if force:  # the same Ray run name would *resume* the finished run: start those afresh
         layout = ArtifactLayout(cfg.run_dir)
         for name in [a.value for a in axes] + ([MULTITASK] if multitask else []):
             shutil.rmtree(layout.ray_train_dir / run_name(cfg, name), ignore_errors=True)
+            remove(cfg, f"ray_train/{run_name(cfg, name)}")  # its copy on shared storage
     out: dict[str, AdapterManifest] = {}
     todo: list[Axis] = []
     for a in axes:
@@ -77,6 +79,22 @@ def _finished(path, stage_hash: str) -> bool:
         return False
 
 
+def _done(cfg: AlignXConfig, path: Path, stage: str) -> bool:
+    """:func:`_finished` in ``run_dir``, or else on shared storage (then fetched into it).
+
+    ``path`` is a stage's JSON output: a folder's ``manifest.json`` or a one-file artifact.
+    A finished local copy is published (a no-op when shared storage already has it), so a run
+    interrupted before publishing loses nothing. Without ``storage`` this is :func:`_finished`.
+    """
+    from alignx.storage import MANIFEST, fetch, publish
+
+    artifact = path.parent if path.name == MANIFEST else path
+    if _finished(path, cfg.stage_hash(stage)):
+        publish(cfg, artifact)
+        return True
+    return any(fetch(cfg, artifact).values()) and _finished(path, cfg.stage_hash(stage))
+
+
 def run_pipeline(cfg: AlignXConfig, force: bool = False) -> None:
     """prepare -> train all axes (+ multi-task) -> stage-1 report -> calibrate the router.
 
@@ -84,21 +102,23 @@ def run_pipeline(cfg: AlignXConfig, force: bool = False) -> None:
     """
     from alignx.interference import stage1_report
     from alignx.router.calibrate import calibrate_router, format_report
+    from alignx.storage import publish
 
     t0 = time.time()
     layout = ArtifactLayout(cfg.run_dir)
     layout.save_config(cfg)
+    publish(cfg, layout.config_path)
     log.info("[1/4] prepare data -> %s", layout.root / "data")
     run_prepare(cfg)
     log.info("[2/4] train %d experts concurrently + multi-task baseline", len(cfg.axes))
     run_train(cfg, list(cfg.axes), multitask=True, force=force)
-    if not force and _finished(layout.stage1_report, cfg.stage_hash("train")):
+    if not force and _done(cfg, layout.stage1_report, "train"):
         log.info("[3/4] stage-1 report is up to date; skipping")
     else:
         log.info("[3/4] stage-1 report")
         print(stage1_report(cfg)["table"], flush=True)
     router_manifest = layout.root / "router" / "manifest.json"
-    if not force and _finished(router_manifest, cfg.stage_hash("calibrate")):
+    if not force and _done(cfg, router_manifest, "calibrate"):
         log.info("[4/4] router is up to date; skipping")
     else:
         from alignx.artifacts import read_json

@@ -21,6 +21,11 @@ _ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": os.environ.get("RAY_TRAIN_V2_ENABLED", "1"),
+    # fake credentials for the loopback S3 server of `s3_server` (set before Ray starts, so
+    # that Ray Train's controller and workers see them too); no instance-metadata lookups
+    "AWS_ACCESS_KEY_ID": "alignx-test",
+    "AWS_SECRET_ACCESS_KEY": "alignx-test",
+    "AWS_EC2_METADATA_DISABLED": "true",
 }
 for _k, _v in _ENV.items():
     os.environ.setdefault(_k, _v)
@@ -90,3 +95,60 @@ def tiny_run(ray_local, tmp_path_factory):
                       run_dir=str(run_dir))
     run_pipeline(cfg)
     return cfg
+
+
+class S3Server:
+    """A running S3-compatible server on loopback with one bucket (see ``s3_server``)."""
+
+    def __init__(self, port: int, bucket: str):
+        self.endpoint = f"127.0.0.1:{port}"
+        self.bucket = bucket
+
+    def uri(self, prefix: str) -> str:
+        """``s3://<bucket>/<prefix>`` with this server as the endpoint (a ``storage`` value)."""
+        return f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http"
+
+    def filesystem(self):
+        """A pyarrow ``S3FileSystem`` on this server (paths are ``<bucket>/<key>``)."""
+        from pyarrow.fs import S3FileSystem
+
+        return S3FileSystem(endpoint_override=self.endpoint, scheme="http")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server (``moto[server]``, a real HTTP S3 API) on a free loopback port, with the
+    bucket ``alignx-test``; its log is in a temp folder and is shown if it fails to start."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from pyarrow.fs import S3FileSystem
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto_server did not start on port {port}:\n{log.read_text()}")
+            time.sleep(0.2)
+    server = S3Server(port, "alignx-test")
+    S3FileSystem(endpoint_override=server.endpoint, scheme="http",
+                 allow_bucket_creation=True).create_dir(server.bucket)
+    yield server
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()

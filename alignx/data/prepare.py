@@ -293,6 +293,9 @@ def prepare_axis(cfg: AlignXConfig, axis: Axis, force: bool = False) -> DataMani
 def prepare_all(cfg: AlignXConfig, force: bool = False) -> dict[Axis, DataManifest]:
     """Prepare every axis of ``cfg.axes``.
 
+    With ``storage`` set, each axis's data is fetched from shared storage first (so an
+    identical copy is not rewritten) and published there when prepared.
+
     Args:
         cfg: the run config.
         force: rewrite even when up to date.
@@ -300,7 +303,15 @@ def prepare_all(cfg: AlignXConfig, force: bool = False) -> dict[Axis, DataManife
     Returns:
         ``{axis: manifest}`` in ``cfg.axes`` order.
     """
-    return {axis: prepare_axis(cfg, axis, force=force) for axis in cfg.axes}
+    from alignx.storage import fetch, publish
+
+    out: dict[Axis, DataManifest] = {}
+    layout = ArtifactLayout(cfg.run_dir)
+    for axis in cfg.axes:
+        fetch(cfg, layout.data_dir(axis))  # a copy on shared storage is checked, not rebuilt
+        out[axis] = prepare_axis(cfg, axis, force=force)
+        publish(cfg, layout.data_dir(axis))  # no-op without storage or when already there
+    return out
 
 
 def load_split(run_dir: str | Path, axis: Axis, split: str) -> list[dict[str, Any]]:

@@ -221,10 +221,13 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     from alignx.modeling import base_model_id
     from alignx.router.mocae import MoCaEConfig, MoCaERouter
     from alignx.router.targets import build_intent_targets, read_intent_prompts
+    from alignx.storage import fetch, publish
 
     t0 = time.time()
-    check_inputs(cfg)
     layout = ArtifactLayout(cfg.run_dir)
+    fetch(cfg, *(layout.data_dir(a) for a in cfg.axes),  # with shared storage: finished copies
+          *(layout.adapter_dir(a) for a in cfg.axes))
+    check_inputs(cfg)
     out_dir = layout.root / "router"
     axes = list(cfg.axes)
 
@@ -330,6 +333,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 1),
     }
     write_json_atomic(out_dir / "manifest.json", manifest)  # last: the router is complete
+    publish(cfg, out_dir)
     return manifest
 
 

@@ -55,13 +55,16 @@ class CalibratedRouter:
 
 
 def load(run_dir: str | Path) -> CalibratedRouter:
-    """Load ``<run_dir>/router``.
+    """Load ``<run_dir>/router`` (``run_dir`` may be the run's URI on shared storage: the
+    finished router is then fetched into a local mirror, see :func:`alignx.storage.localize`).
 
     Raises:
         ArtifactNotFoundError: no finished router (names ``alignx calibrate``).
         ValueError: an unreadable manifest.
     """
-    d = ArtifactLayout(run_dir).root / "router"
+    from alignx.storage import localize
+
+    d = ArtifactLayout(localize(run_dir, "router")).root / "router"
     if not (d / "manifest.json").is_file():
         raise ArtifactNotFoundError(
             f"no calibrated router in {d.parent} (run `alignx calibrate --run-dir {d.parent}`)")

@@ -57,7 +57,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    run_dir: str = Field(description="Run directory with adapters/<axis> (and the router).")
+    run_dir: str = Field(description="Run directory with adapters/<axis> (and the router), or "
+                         "the run's URI on shared storage (s3://bucket/prefix/<run>, ...).")
     config: str | None = Field(None, description="Experiment YAML; its model/axes are used.")
     model: str | None = Field(None, description="Base model name when no config is given.")
     axes: list[Axis] | None = Field(None, description="Axes to serve; default: config axes.")
@@ -252,9 +253,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> Any:
     from ray import serve
 
     from alignx.artifacts import ArtifactLayout
+    from alignx.storage import localize
 
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    layout = ArtifactLayout(a.run_dir)
+    layout = ArtifactLayout(localize(a.run_dir, *(f"adapters/{x.value}" for x in a.served_axes())))
     for axis in a.served_axes():  # fail on the driver, not in a replica restart loop
         layout.load_adapter_manifest(axis)
     served_expert, router_ingress = _serve_classes()

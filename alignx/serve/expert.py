@@ -66,7 +66,8 @@ def load_expert_state(
     """Load base + ``adapters/<axis>`` of ``run_dir`` and build its backend.
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory, or the run's URI on shared storage (the finished adapter
+            is fetched into a local mirror, see :func:`alignx.storage.localize`).
         axis: which adapter.
         model_cfg: the configured base model; the adapter manifest must name the same one.
         base_loader: returns a fresh ``(model, tokenizer)``; default ``load_base(model_cfg)``.
@@ -81,8 +82,9 @@ def load_expert_state(
     from peft import PeftModel
 
     from alignx.modeling import base_model_id, load_base
+    from alignx.storage import is_uri, localize
 
-    layout = ArtifactLayout(run_dir)
+    layout = ArtifactLayout(localize(run_dir, f"adapters/{axis.value}"))
     manifest = layout.load_adapter_manifest(axis)
     check_same_base(base_model_id(model_cfg), manifest.base_model, f"adapter {axis.value!r}")
     template_id = manifest.template_ids.get(axis.value)
@@ -93,7 +95,7 @@ def load_expert_state(
     model = PeftModel.from_pretrained(base, str(layout.adapter_dir(axis)), is_trainable=False)
     model.eval()
     prov = Provenance(
-        run=str(layout.root), adapter=manifest.name,
+        run=str(run_dir) if is_uri(run_dir) else str(layout.root), adapter=manifest.name,
         manifest_sha256=sha256_file(layout.adapter_manifest(axis))[:16],
         created_at=manifest.created_at, config_hash=manifest.config_hash,
     )
@@ -164,8 +166,10 @@ class AxisExpert:
         Raises:
             See :func:`load_expert_state` (the old adapter keeps serving when loading fails).
         """
+        from alignx.storage import same_run
+
         run_dir = (user_config or {}).get("run_dir")
-        if not run_dir or Path(run_dir).expanduser().resolve() == Path(self.provenance.run):
+        if not run_dir or same_run(run_dir, self.provenance.run):
             return
         new = await asyncio.to_thread(
             load_expert_state, run_dir, self.axis, self.model_cfg, self.base_loader

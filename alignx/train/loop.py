@@ -338,9 +338,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from peft import get_peft_model
 
+    from alignx.artifacts import ArtifactLayout
     from alignx.data.prepare import load_split
     from alignx.data.tokenize import encode_rows
     from alignx.modeling import load_base, resolve_dtype
+    from alignx.storage import fetch
     from alignx.train.deepspeed import DEFAULT_PERSISTENCE_THRESHOLD, build_deepspeed_config
     from alignx.train.engine import (
         init_engine,
@@ -377,6 +379,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # --- 4. data: the axes' train splits (the union for multi-task), encoded once -------------
     train_rows: list[dict[str, Any]] = []
     template_ids: dict[str, str] = {}
+    # with shared storage, a worker on another node brings the finished data into its run_dir
+    fetch(cfg, *(ArtifactLayout(cfg.run_dir).data_dir(a) for a in axes))
     for a in axes:
         rows = load_split(cfg.run_dir, a, "train")
         train_rows.extend(rows)

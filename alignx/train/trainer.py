@@ -10,8 +10,9 @@ The only module that builds a ``TorchTrainer``. For one adapter it:
    the per-step history of consumed batches, as provenance) into ``<run_dir>/adapters/<name>/``
    and writes the ``AdapterManifest`` there *last* (a folder without a manifest is unfinished).
 
-**Resuming.** Ray Train keeps each run under ``<run_dir>/ray_train/<name>-<hash>/``, where
-``<hash>`` is ``cfg.stage_hash("train")``. Calling ``train_axis`` again with the same run
+**Resuming.** Ray Train keeps each run under ``<run_dir>/ray_train/<name>-<hash>/`` (with
+``storage`` set: under the run's ``ray_train/`` on shared storage, see :mod:`alignx.storage`),
+where ``<hash>`` is ``cfg.stage_hash("train")``. Calling ``train_axis`` again with the same run
 directory and the same config (for instance after the driver was killed) makes Ray Train
 restore that run's latest checkpoint, and the loop continues at the exact data position; a
 changed config gets a fresh run name. Worker failures during a run are recovered the same way,
@@ -171,12 +172,15 @@ def fit_adapter(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from alignx.storage import fetch, publish, ray_train_location
     from alignx.train.loop import train_loop_per_worker
     from alignx.train.lora import resolve_target_modules
 
     cfg = _absolute(cfg)
     layout = ArtifactLayout(cfg.run_dir)
+    fetch(cfg, *(layout.data_dir(a) for a in axes))  # with shared storage: its finished copy
     data: dict[Axis, DataManifest] = {a: layout.load_data_manifest(a) for a in axes}
+    storage_path, storage_fs = ray_train_location(cfg)
     sc = cfg.train.scaling
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
     ensure_ray()
@@ -194,13 +198,14 @@ def fit_adapter(
         ),
         run_config=ray.train.RunConfig(
             name=run_name(cfg, name),
-            storage_path=str(layout.ray_train_dir),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,  # None: local run_dir; else the shared storage's
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_progress_callback(name)],
         ),
     )
-    log.info("[%s] training on %s -> %s", name, [a.value for a in axes], layout.ray_train_dir)
+    log.info("[%s] training on %s -> %s", name, [a.value for a in axes], storage_path)
     t0 = time.time()
     result = trainer.fit()
     seconds = time.time() - t0
@@ -252,6 +257,7 @@ def fit_adapter(
     )
     layout.save_config(cfg, f"adapters/{name}/config.yaml")  # the resolved config it came from
     write_json_atomic(layout.adapter_manifest(name), manifest)  # last: the adapter is complete
+    publish(cfg, layout.adapter_dir(name))  # with shared storage: upload, manifest last
     log.info(
         "[%s] adapter -> %s (%d steps, train loss %s, eval %s, %.0f s)",
         name,
