@@ -8,10 +8,13 @@ Deploys the AlignX app on a local Ray node three times and reads the proportiona
   private-3  three experts with private copies (the naive layout, for reference)
 
 PSS splits each shared page between the processes mapping it, so it is the right measure of
-what each replica costs on the node. The object store (inside the raylet) also maps the shared
-weights; its share is reported separately, together with the store actor's own PSS.
+what each replica costs on the node. It is reported split into anonymous memory (the
+process's own heap: Python, torch, transformers, tokenizer, activations), shared memory (the
+object-store weights) and file pages (libraries; a private copy's safetensors mmap). The store
+actor also maps the shared weights; its PSS is reported separately ("+store").
 
     python bench/serve_memory.py --model smollm2-135m          # ~4 min on 2 cores
+    python bench/serve_memory.py --run-dir runs/smollm2 --address 127.0.0.1:6420 --port 8330
     python bench/serve_memory.py --model tiny-llama --run-dir runs/tiny
 """
 
@@ -30,12 +33,41 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.serve_memory")
 
 
+PARTS = ("Pss", "Pss_Anon", "Pss_Shmem", "Pss_File")
+
+
+def pss_parts(pid: int) -> dict[str, float]:
+    """PSS of one process and its anonymous/shared-memory/file parts, in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in PARTS:
+            out[key] = int(line.split()[1]) / 1024
+    if "Pss" not in out:
+        raise RuntimeError(f"no Pss line for pid {pid}")
+    return out
+
+
+def weight_file_mib(pid: int) -> tuple[float, float]:
+    """``(Rss, Pss)`` in MiB of the process's mappings of ``*.safetensors`` files (a private
+    copy's weights). Their PSS is split with every process on the machine that maps the same
+    file, including unrelated ones; the Rss counts them whole."""
+    rss = pss = 0
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=6)
+        if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+            inside = len(head) >= 6 and head[-1].endswith(".safetensors")
+        elif inside and line.startswith("Rss:"):
+            rss += int(line.split()[1])
+        elif inside and line.startswith("Pss:"):
+            pss += int(line.split()[1])
+    return rss / 1024, pss / 1024
+
+
 def pss_kib(pid: int) -> int:
     """PSS of one process in KiB."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no Pss line for pid {pid}")
+    return int(pss_parts(pid)["Pss"] * 1024)
 
 
 def make_adapters(run_dir: Path, model_name: str) -> Path:
@@ -66,24 +98,31 @@ def make_adapters(run_dir: Path, model_name: str) -> Path:
     return layout.root
 
 
-def replica_pids(app: str) -> dict[str, list[int]]:
+def _alive_actors() -> list:
+    """ALIVE actors of the cluster this driver is connected to (an explicit address: with
+    another Ray running on the machine, discovery could pick that one)."""
+    import ray
     from ray.util.state import list_actors
 
+    return list_actors(address=ray.get_runtime_context().gcs_address,
+                       filters=[("state", "=", "ALIVE")], limit=1000)
+
+
+def replica_pids(app: str) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+    for a in _alive_actors():
         if a.class_name.startswith(f"ServeReplica:{app}:expert-"):
             out.setdefault(a.class_name.rsplit(":", 1)[1], []).append(a.pid)
     return out
 
 
-def store_pids() -> list[int]:
-    from ray.util.state import list_actors
-
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name == "BaseWeightsStore"]
+def stores() -> dict[int, str]:
+    """``{pid: actor name}`` of the base-weights store actors."""
+    return {a.pid: a.name for a in _alive_actors() if a.class_name == "BaseWeightsStore"}
 
 
-def scenario(name: str, run_dir: Path, model: str, share: bool, axes: list[str], port: int) -> dict:
+def scenario(name: str, run_dir: Path, model: str, share: bool, axes: list[str], port: int,
+             replica_env: dict[str, str] | None = None) -> dict:
     import httpx
     import ray
     from ray import serve
@@ -91,8 +130,10 @@ def scenario(name: str, run_dir: Path, model: str, share: bool, axes: list[str],
     from alignx.serve.app import build_app
 
     args = {"run_dir": str(run_dir), "model": model, "axes": axes, "share_base_weights": share,
-            "default_max_tokens": 8,
-            "expert_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
+            "default_max_tokens": 8, "routing_model": None, "fallback": axes[0],
+            "expert_options": {"num_replicas": 1, "ray_actor_options": {
+                "num_cpus": 0.1, **({"runtime_env": {"env_vars": replica_env}}
+                                    if replica_env else {})}},
             "router_options": {"ray_actor_options": {"num_cpus": 0.1}}}
     t0 = time.time()
     serve.run(build_app(args), name=name, route_prefix=f"/{name}")
@@ -105,14 +146,20 @@ def scenario(name: str, run_dir: Path, model: str, share: bool, axes: list[str],
     time.sleep(1)
     pids = replica_pids(name)
     per = {dep: sum(pss_kib(p) for p in ps) / 1024 for dep, ps in pids.items()}
-    stores = store_pids()
-    store_mb = sum(pss_kib(p) for p in stores) / 1024
+    parts = {k: sum(pss_parts(p).get(k, 0.0) for ps in pids.values() for p in ps) for k in PARTS}
+    wf = [weight_file_mib(p) for ps in pids.values() for p in ps]
+    # The replicas' total with each one's mapped weight files counted whole, as if no other
+    # process mapped them (what "its own copy" costs); equal to the PSS for shared weights.
+    whole = sum(per.values()) + sum(r - q for r, q in wf)
+    store = stores()
+    store_mb = sum(pss_kib(p) for p in store) / 1024
     serve.delete(name)
-    for p in stores:  # the detached store outlives the app: remove it between scenarios
-        ray.kill(ray.get_actor(ray.util.state.list_actors(
-            filters=[("pid", "=", p)])[0].name, namespace="alignx"))
+    for actor in store.values():  # the detached store outlives the app: remove it
+        ray.kill(ray.get_actor(actor, namespace="alignx"))
     return {"scenario": name, "share": share, "replicas_mib": per, "total_mib": sum(per.values()),
-            "store_actor_mib": store_mb, "ready_s": round(ready, 1)}
+            "parts_mib": parts, "weights_whole_mib": whole,
+            "weight_files_rss_pss_mib": wf, "store_actor_mib": store_mb, "ready_s": round(ready, 1),
+            "replica_env": replica_env or {}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--run-dir", type=Path, default=None, help="default: adapters made in a tmp dir")
     p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster (ray start --head); default: start a local one")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the expert replicas, e.g. MALLOC_ARENA_MAX=2")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -134,22 +185,32 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = make_adapters(a.run_dir or Path(tempfile.mkdtemp(prefix="alignx-mem-")), a.model)
     env = {**ray_runtime_env_vars(), "PYTHONPATH": str(REPO)}
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env}, log_to_driver=False)
+    if a.address:
+        ray.init(address=a.address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env}, log_to_driver=False)
+    renv = dict(kv.split("=", 1) for kv in a.env)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     axes3 = ["helpfulness", "harmlessness", "honesty"]
-    rows = [scenario("shared3", run_dir, a.model, True, axes3, a.port),
-            scenario("private1", run_dir, a.model, False, ["honesty"], a.port),
-            scenario("private3", run_dir, a.model, False, axes3, a.port)]
-    serve.shutdown()
+    rows = [scenario("shared3", run_dir, a.model, True, axes3, a.port, renv),
+            scenario("private1", run_dir, a.model, False, ["honesty"], a.port, renv),
+            scenario("private3", run_dir, a.model, False, axes3, a.port, renv)]
+    if not a.address:
+        serve.shutdown()
     ray.shutdown()
-    one = rows[1]["total_mib"]
-    print(f"\nexpert replica PSS, model {a.model} (MiB; one replica with its own copy = 1.00x)")
-    print(f"{'scenario':<10} {'replicas':>9} {'x one':>6} {'+store':>7}  per replica")
+    one = rows[1]["weights_whole_mib"]
+    print(f"\nexpert replica PSS, model {a.model} (MiB). 'x one': against one replica with its own "
+          f"copy, its weight file counted whole ({one:.0f} MiB; raw PSS {rows[1]['total_mib']:.0f})")
+    print(f"{'scenario':<10} {'replicas':>9} {'whole':>6} {'x one':>6} {'+store':>7} {'anon':>6} "
+          f"{'shmem':>6} {'file':>6}  per replica")
     for r in rows:
         per = ", ".join(f"{k}={v:.0f}" for k, v in sorted(r["replicas_mib"].items()))
-        print(f"{r['scenario']:<10} {r['total_mib']:>9.0f} {r['total_mib'] / one:>6.2f} "
-              f"{(r['total_mib'] + r['store_actor_mib']) / one:>7.2f}  {per}")
+        pp = r["parts_mib"]
+        print(f"{r['scenario']:<10} {r['total_mib']:>9.0f} {r['weights_whole_mib']:>6.0f} "
+              f"{r['weights_whole_mib'] / one:>6.2f} "
+              f"{(r['weights_whole_mib'] + r['store_actor_mib']) / one:>7.2f} {pp['Pss_Anon']:>6.0f} "
+              f"{pp['Pss_Shmem']:>6.0f} {pp['Pss_File']:>6.0f}  {per}")
     if a.out:
         a.out.write_text(json.dumps(rows, indent=2))
     return 0
