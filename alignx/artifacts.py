@@ -11,6 +11,7 @@ Layout of ``<run_dir>``::
     config.yaml                       resolved config of the last command run here
     data/<axis>/{train,validation,test}.parquet + manifest.json
     adapters/<axis>/                  PEFT adapter + manifest.json   (adapters/multitask/ too)
+    baselines/h3fusion/               token-level MoE gates (safetensors) + manifest.json
     ray_train/                        Ray Train storage (checkpoints, per-axis run folders)
     stage1_report.json                held-out losses + task-vector cosine matrix
 """
@@ -59,6 +60,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    p = Path(path)
+    _atomic_write_bytes(p, data)
+    return p
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -194,6 +202,31 @@ class AdapterManifest(_Manifest):
     ray_run: str = ""
 
 
+class H3FusionManifest(_Manifest):
+    """Baseline ``h3fusion``: learned per-token gates over the axis experts (METHOD.md baselines)."""
+
+    name: str = "h3fusion"
+    axes: list[Axis]  # expert order of the gates' outputs
+    base_model: str
+    experts: dict[str, str] = Field(description="axis -> sha256[:16] of its adapter manifest")
+    system: str = Field(description="system text injected at gate training and at inference")
+    template_id: str
+    gate_top_k: int | None
+    balance_coef: float
+    gated_modules: int
+    gate_params: int
+    steps: int
+    lr: float
+    micro_batch_size: int
+    train_tokens: int
+    train_loss: float | None
+    first_loss: float | None = None
+    eval_loss: dict[str, float] = Field(default_factory=dict, description="axis -> held-out answer loss")
+    train_seconds: float
+    config_hash: str
+    ray_run: str = ""
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -263,6 +296,10 @@ class ArtifactLayout:
 
     def adapter_manifest(self, name: str | Axis) -> Path:
         return self.adapter_dir(name) / "manifest.json"
+
+    # baselines
+    def baseline_dir(self, name: str) -> Path:
+        return self.root / "baselines" / name
 
     @property
     def ray_train_dir(self) -> Path:

@@ -175,11 +175,31 @@ class RouterCfg(_Section):
         return self
 
 
+class H3FusionCfg(_Section):
+    """The H3Fusion-style token-level MoE baseline (``alignx.baselines.h3fusion``): per-token
+    gates over the frozen axis experts, trained on the union of the axes' training data."""
+
+    steps: int = Field(60, ge=1, description="Optimizer steps of the gate training.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the gates.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per worker per step.")
+    gate_top_k: int | None = Field(
+        None, ge=1, description="Experts mixed per token (top-k of the gate); null = all (dense).")
+    balance_coef: float = Field(
+        0.01, ge=0, description="Weight of the load-balancing term on mean gate usage (0 = off).")
+
+
+class BaselinesCfg(_Section):
+    """Baselines trained by this project besides Stage 1's multi-task adapter."""
+
+    h3fusion: H3FusionCfg = H3FusionCfg()
+
+
 #: Sections each stage's artifacts depend on (see ``AlignXConfig.stage_hash``).
 _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare": ("axes", "data"),
     "train": ("axes", "model", "data", "train", "seed"),
     "calibrate": ("axes", "model", "data", "router", "seed"),
+    "baselines": ("axes", "model", "data", "train", "baselines", "seed"),
 }
 
 
@@ -198,6 +218,7 @@ class AlignXConfig(_Section):
     data: DataCfg = DataCfg()
     train: TrainCfg = TrainCfg()
     router: RouterCfg = RouterCfg()
+    baselines: BaselinesCfg = BaselinesCfg()
     seed: int = 0
 
     @field_validator("axes")
@@ -223,6 +244,10 @@ class AlignXConfig(_Section):
             raise ValueError(f"data.sources has no source for axes {missing}")
         if self.router.fallback not in self.axes:
             raise ValueError(f"router.fallback={self.router.fallback.value!r} is not one of axes")
+        k = self.baselines.h3fusion.gate_top_k
+        if k is not None and k > len(self.axes):
+            raise ValueError(f"baselines.h3fusion.gate_top_k={k} exceeds the {len(self.axes)} axes "
+                             "(experts); use at most that, or null for all")
         return self
 
     def config_hash(self) -> str:

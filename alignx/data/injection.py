@@ -27,10 +27,23 @@ def inject(messages: Sequence[Message], template: PromptTemplate) -> list[Messag
     Returns:
         A new list of new message dicts.
     """
+    return inject_system(messages, template.system)
+
+
+def inject_system(messages: Sequence[Message], system: str) -> list[Message]:
+    """:func:`inject` with a bare system text (baselines that inject no single axis template).
+
+    Args:
+        messages: the conversation (not modified).
+        system: the text to put first in the system message.
+
+    Returns:
+        A new list of new message dicts.
+    """
     out = [dict(m) for m in messages]
     if out and out[0].get("role") == "system":
         existing = out[0]["content"]
-        merged = f"{template.system}\n\n{existing}" if existing else template.system
+        merged = f"{system}\n\n{existing}" if existing else system
         out[0] = {"role": "system", "content": merged}
         return out
-    return [{"role": "system", "content": template.system}, *out]
+    return [{"role": "system", "content": system}, *out]

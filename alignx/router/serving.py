@@ -33,14 +33,24 @@ class CalibratedRouter:
     def route(self, features: np.ndarray) -> list[RoutingInfo]:
         """``(N, d)`` features -> N routing decisions (argmax axis, weights, confidence, ood)."""
         res = self.router.predict(features)
+        return self._infos(res.weights, res.ood)
+
+    def route_softmax(self, features: np.ndarray) -> list[RoutingInfo]:
+        """The uncalibrated baseline: weights are the linear router's raw softmax (T = 1; the
+        ``raw_softmax`` row of the ablation table), with no temperature, calibrators or OOD
+        flag (``ood`` is always False: a plain softmax router has no way to raise it)."""
+        p = self.router.ablation_probs(features)["raw_softmax"]  # (N, A)
+        return self._infos(p, np.zeros(len(p), dtype=bool))
+
+    def _infos(self, weights: np.ndarray, ood: np.ndarray) -> list[RoutingInfo]:
         return [
             RoutingInfo(
-                axis=self.axes[int(res.axis_idx[i])],
-                weights={a: float(res.weights[i, j]) for j, a in enumerate(self.axes)},
-                confidence=float(res.confidence[i]),
-                ood=bool(res.ood[i]),
+                axis=self.axes[int(weights[i].argmax())],
+                weights={a: float(weights[i, j]) for j, a in enumerate(self.axes)},
+                confidence=float(weights[i].max()),
+                ood=bool(ood[i]),
             )
-            for i in range(len(res.confidence))
+            for i in range(len(weights))
         ]
 
     def dispatch(self, features: np.ndarray, policy: str | None = None,

@@ -3,8 +3,11 @@
 ``serve run serve_config.yaml`` (or ``serve deploy``) calls :func:`build_app` with the
 ``args:`` of that file, validated as :class:`AppArgs`. It makes one deployment per axis,
 ``expert-<axis>`` (:class:`~alignx.serve.expert.AxisExpert` with ``@serve.batch`` applied
-here), and the ingress ``router`` (:class:`~alignx.serve.router.AlignXRouter` behind its
-FastAPI app) bound with the expert handles. Deployment options given here are defaults; the
+here), one per enabled baseline, ``system-<name>`` (``AppArgs.baselines``: ``base``,
+``multitask``, ``h3fusion``, served by :class:`~alignx.serve.expert.SystemGenerator` from the
+same loader the evaluation scores with), and the ingress ``router``
+(:class:`~alignx.serve.router.AlignXRouter` behind its FastAPI app) bound with the expert and
+system handles. Deployment options given here are defaults; the
 ``deployments:`` section of the Serve config overrides them (replicas, autoscaling, CPUs).
 
 Serve another run directory without editing the file::
@@ -25,7 +28,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignx.axes import Axis
-from alignx.serve.expert import AxisExpert
+from alignx.baselines.systems import SYSTEM_PREFIX
+from alignx.serve.expert import AxisExpert, SystemGenerator
 from alignx.serve.router import AlignXRouter, RouterSettings, build_router_api, load_routing_model
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,10 @@ class AppArgs(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1, description="Larger max_tokens gets a 400.")
     auth_env: str | None = Field(None, description="Env var holding the bearer API key.")
     log_prompts: bool = Field(False, description="Put the messages into the request log line.")
+    baselines: list[Literal["base", "multitask", "h3fusion"]] = Field(
+        default_factory=list,
+        description="Baseline systems to serve as extra model ids (deployments system-<name>, "
+                    "with expert_options); alignx-softmax comes with the routing model.")
     max_batch_size: int = Field(8, ge=1, description="@serve.batch size per expert replica.")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     share_base_weights: bool = Field(
@@ -90,6 +98,8 @@ class AppArgs(BaseModel):
     def _check(self) -> AppArgs:
         if self.config is None and self.model is None:
             raise ValueError("give config (an experiment YAML) or model (a base model name)")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines has duplicates: {self.baselines}")
         return self
 
     def model_cfg(self) -> dict[str, Any]:
@@ -147,6 +157,8 @@ def deployment_options(args: AppArgs) -> dict[str, dict[str, Any]]:
     """Resolved Serve options per deployment name (pure; unit-tested without Ray)."""
     opts = {f"expert-{a.value}": _merge(DEFAULT_EXPERT_OPTIONS, args.expert_options)
             for a in args.served_axes()}
+    for name in args.baselines:
+        opts[f"{SYSTEM_PREFIX}{name}"] = _merge(DEFAULT_EXPERT_OPTIONS, args.expert_options)
     opts[ROUTER_NAME] = _merge(DEFAULT_ROUTER_OPTIONS, args.router_options)
     return opts
 
@@ -156,13 +168,19 @@ def deployment_options(args: AppArgs) -> dict[str, dict[str, Any]]:
 # logic stays in the plain classes.
 
 
-def _serve_classes() -> tuple[type, type]:
+def _serve_classes() -> tuple[type, type, type]:
     from ray import serve
     from ray.serve.exceptions import BackPressureError
     from ray.serve.metrics import Counter, Histogram
 
-    class ServedExpert(AxisExpert):
-        def __init__(self, axis: str, args: dict[str, Any]):
+    class _Batched:
+        """What a generating replica adds under Serve: shared base weights and batching.
+
+        ``target`` is the axis (:class:`AxisExpert`) or the system name
+        (:class:`SystemGenerator`); both take the same arguments after it.
+        """
+
+        def __init__(self, target: str, args: dict[str, Any]):
             a = AppArgs.model_validate(args)
             loader = None
             if a.share_base_weights:
@@ -170,17 +188,20 @@ def _serve_classes() -> tuple[type, type]:
                 from alignx.serve.weights import shared_base_loader
 
                 loader = shared_base_loader(ModelCfg(**a.model_cfg()))
-            super().__init__(axis, a.run_dir, a.model_cfg(), a.max_prompt_tokens, loader,
-                             torch_threads=a.torch_threads)
+            super().__init__(target, a.run_dir, a.model_cfg(),  # type: ignore[call-arg]
+                             a.max_prompt_tokens, loader, torch_threads=a.torch_threads)
             self._submit.set_max_batch_size(a.max_batch_size)
             self._submit.set_batch_wait_timeout_s(a.batch_wait_timeout_s)
-            self.max_batch_size = a.max_batch_size  # generate_batch merges queued batches
 
-        # Batches that form while the model is busy must reach generate_batch to be merged, so
-        # they are not capped here (Serve may warn that batch size x batches > max_ongoing).
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
-        async def _submit(self, requests: list[Any]) -> list[Any]:  # type: ignore[override]
-            return await self.generate_batch(requests)
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def _submit(self, requests: list[Any]) -> list[Any]:
+            return await self.generate_batch(requests)  # type: ignore[attr-defined]
+
+    class ServedExpert(_Batched, AxisExpert):
+        pass
+
+    class ServedSystem(_Batched, SystemGenerator):
+        pass
 
     ms_buckets = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 
@@ -211,7 +232,8 @@ def _serve_classes() -> tuple[type, type]:
             self.expert_ms.observe(expert_ms, tags=tags)
 
     class RouterIngress(AlignXRouter):
-        def __init__(self, experts: dict[str, Any], args: dict[str, Any]):
+        def __init__(self, experts: dict[str, Any], args: dict[str, Any],
+                     systems: dict[str, Any] | None = None):
             a = AppArgs.model_validate(args)
             from alignx.artifacts import check_same_base
             from alignx.config import ModelCfg
@@ -232,16 +254,17 @@ def _serve_classes() -> tuple[type, type]:
                 encoder = build_encoder(a.encoder, mcfg)
             super().__init__(experts, routing, encoder, a.router_settings(),
                              tokenizer=load_tokenizer(mcfg), metrics=RayRouterMetrics(),
-                             overload_errors=(BackPressureError,))
+                             overload_errors=(BackPressureError,), systems=systems)
 
         def __serve_build_asgi_app__(self):  # noqa: ANN204 - Serve's late-bound ingress hook
             return build_router_api(self)
 
-    return ServedExpert, RouterIngress
+    return ServedExpert, ServedSystem, RouterIngress
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Any:
-    """Build the AlignX Serve application: ``expert-<axis>`` per axis + the ``router`` ingress.
+    """Build the AlignX Serve application: ``expert-<axis>`` per axis, ``system-<name>`` per
+    enabled baseline, and the ``router`` ingress.
 
     Args:
         args: :class:`AppArgs` or its dict (the ``args:`` of ``serve_config.yaml``).
@@ -251,7 +274,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Any:
 
     Raises:
         pydantic.ValidationError: bad args (names the field).
-        ArtifactNotFoundError: an axis has no adapter in ``run_dir`` (checked before deploying).
+        ArtifactNotFoundError: an axis has no adapter in ``run_dir``, or an enabled baseline
+            has no artifact (checked before deploying).
     """
     from ray import serve
 
@@ -262,7 +286,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Any:
     layout = ArtifactLayout(localize(a.run_dir, *(f"adapters/{x.value}" for x in a.served_axes())))
     for axis in a.served_axes():  # fail on the driver, not in a replica restart loop
         layout.load_adapter_manifest(axis)
-    served_expert, router_ingress = _serve_classes()
+    _check_baselines(a)
+    served_expert, served_system, router_ingress = _serve_classes()
     opts = deployment_options(a)
     log.info("alignx serve: run_dir=%s axes=%s options=%s", layout.root,
              [x.value for x in a.served_axes()], opts)
@@ -272,6 +297,25 @@ def build_app(args: dict[str, Any] | AppArgs) -> Any:
                                      **opts[f"expert-{axis.value}"]).bind(axis.value, wire)
         for axis in a.served_axes()
     }
+    systems = {
+        name: serve.deployment(served_system, name=f"{SYSTEM_PREFIX}{name}",
+                               **opts[f"{SYSTEM_PREFIX}{name}"]).bind(name, wire)
+        for name in a.baselines
+    }
     ingress = serve.deployment(serve.ingress()(router_ingress), name=ROUTER_NAME,
                                **opts[ROUTER_NAME])
-    return ingress.bind(experts, wire)
+    return ingress.bind(experts, wire, systems)
+
+
+def _check_baselines(a: AppArgs) -> None:
+    """Fail on the driver when an enabled baseline has no artifact (names how to make it)."""
+    from alignx.artifacts import MULTITASK, ArtifactLayout
+    from alignx.storage import localize
+
+    if MULTITASK in a.baselines:
+        ArtifactLayout(localize(a.run_dir, f"adapters/{MULTITASK}")).load_adapter_manifest(
+            MULTITASK)
+    if "h3fusion" in a.baselines:
+        from alignx.baselines.h3fusion import NAME, load_h3fusion_manifest
+
+        load_h3fusion_manifest(localize(a.run_dir, f"baselines/{NAME}"))

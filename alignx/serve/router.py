@@ -41,6 +41,7 @@ from alignx.router.features import router_text
 from alignx.serve.schemas import (
     EXPERT_PREFIX,
     ROUTED_MODEL,
+    SOFTMAX_MODEL,
     AlignXInfo,
     AssistantMessage,
     ChatCompletionChunk,
@@ -91,7 +92,12 @@ class RoutingInfo:
 
 
 class RoutingModel(Protocol):
-    """What the ingress needs from a calibrated router (MoCaE or a test stand-in)."""
+    """What the ingress needs from a calibrated router (MoCaE or a test stand-in).
+
+    A routing model that also has ``route_softmax(features) -> list[RoutingInfo]`` (the
+    router's uncalibrated softmax, :meth:`alignx.router.serving.CalibratedRouter.route_softmax`)
+    is served as the ``alignx-softmax`` baseline too.
+    """
 
     axes: list[Axis]
     encoder_id: str  # the features it was calibrated on; must equal the serving encoder's id
@@ -251,6 +257,8 @@ class AlignXRouter:
         metrics: :class:`RouterMetrics` sink.
         overload_errors: exception types that mean "expert overloaded" (Serve's
             ``BackPressureError``), answered with 503.
+        systems: ``{name: handle}`` of the baseline systems served under their own model id
+            (``base``, ``multitask``, ``h3fusion``); same handle interface as the experts.
 
     Raises:
         ValueError: the routing model's axes are not all served, or its encoder differs.
@@ -265,8 +273,14 @@ class AlignXRouter:
         tokenizer: Any = None,
         metrics: RouterMetrics | None = None,
         overload_errors: tuple[type[BaseException], ...] = (),
+        systems: Mapping[str, Any] | None = None,
     ):
         self.experts: dict[Axis, Any] = {parse_axis(a): h for a, h in experts.items()}
+        self.systems: dict[str, Any] = dict(systems or {})
+        clash = [n for n in self.systems if n in (ROUTED_MODEL, SOFTMAX_MODEL)
+                 or n.startswith(EXPERT_PREFIX)]
+        if clash:
+            raise ValueError(f"system names {clash} clash with the routed/expert model ids")
         self.axes = list(self.experts)
         self.routing_model = routing_model
         self.encoder = encoder
@@ -290,10 +304,16 @@ class AlignXRouter:
 
     # ------------------------------------------------------------------ models / auth
 
+    @property
+    def softmax_routing(self) -> bool:
+        """Whether ``alignx-softmax`` is served (the routing model has ``route_softmax``)."""
+        return callable(getattr(self.routing_model, "route_softmax", None))
+
     def model_ids(self) -> list[str]:
         """Model ids clients may ask for."""
         ids = [ROUTED_MODEL] if self.routing_model is not None else []
-        return ids + [f"{EXPERT_PREFIX}{a.value}" for a in self.axes]
+        ids += [SOFTMAX_MODEL] if self.softmax_routing else []
+        return ids + [f"{EXPERT_PREFIX}{a.value}" for a in self.axes] + list(self.systems)
 
     def check_auth(self, authorization: str | None) -> None:
         """Raises:
@@ -307,14 +327,18 @@ class AlignXRouter:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            "authentication_error", code="invalid_api_key")
 
-    def _direct_axis(self, model: str) -> Axis | None:
-        """``None`` for the routed model; the axis for ``expert-<axis>``.
+    def _resolve(self, model: str) -> Axis | str | None:
+        """What a model id asks for: ``None`` to route (``alignx``, ``alignx-softmax``), the
+        axis for ``expert-<axis>``, the system name for a baseline.
 
         Raises:
             APIError: 404 for any other model id.
         """
-        if model == ROUTED_MODEL and self.routing_model is not None:
+        if (model == ROUTED_MODEL and self.routing_model is not None) or (
+                model == SOFTMAX_MODEL and self.softmax_routing):
             return None
+        if model in self.systems:
+            return model
         if model.startswith(EXPERT_PREFIX):
             try:
                 axis = parse_axis(model[len(EXPERT_PREFIX):])
@@ -327,8 +351,9 @@ class AlignXRouter:
 
     # ------------------------------------------------------------------ routing
 
-    async def route(self, messages: list[dict[str, str]]) -> tuple[RoutingInfo, Axis, float]:
-        """Route one conversation.
+    async def route(self, messages: list[dict[str, str]],
+                    calibrated: bool = True) -> tuple[RoutingInfo, Axis, float]:
+        """Route one conversation (``calibrated=False``: by the router's raw softmax).
 
         Returns:
             ``(routing info, chosen axis after the policy, routing milliseconds)``.
@@ -346,15 +371,17 @@ class AlignXRouter:
             raise APIError(400, str(e), param="messages") from None
         # The encoder is CPU-bound: run it off the event loop.
         feats = await asyncio.to_thread(self.encoder.encode, [text])  # (1, d)
-        info = self.routing_model.route(feats)[0]
+        rm = self.routing_model
+        info = (rm.route(feats) if calibrated else rm.route_softmax(feats))[0]  # type: ignore[attr-defined]
         s = self.settings
         axis = choose_axis(info, s.policy, s.threshold, s.fallback, self.axes)
         return info, axis, (time.perf_counter() - t0) * 1000
 
-    def _info(self, axis: Axis, routing: RoutingInfo | None, route_ms: float,
+    def _info(self, system: str, axis: Axis | None, routing: RoutingInfo | None, route_ms: float,
               result: GenerateResult | None = None) -> AlignXInfo:
         out = AlignXInfo(
-            axis=axis.value, routed=routing is not None, route_ms=round(route_ms, 3),
+            system=system, axis=axis.value if axis else None, routed=routing is not None,
+            route_ms=round(route_ms, 3),
             weights={a.value: float(p) for a, p in routing.weights.items()} if routing else {},
             confidence=float(routing.confidence) if routing else None,
             ood=bool(routing.ood) if routing else None,
@@ -389,11 +416,11 @@ class AlignXRouter:
                                temperature=req.temperature, top_p=req.top_p,
                                stop=req.stop_list(), request_id=rid)
 
-    def _raise_expert_error(self, err: Exception, axis: Axis, routing: Any, route_ms: float,
+    def _raise_expert_error(self, err: Exception, label: str, routing: Any, route_ms: float,
                             t0: float, base_log: dict[str, Any]) -> NoReturn:
         """Record a failed expert call, then raise it as an APIError (4xx/503) or as it was."""
         mapped = self._map_expert_error(err)
-        self._record(axis, routing, route_ms, (time.perf_counter() - t0) * 1000,
+        self._record(label, routing, route_ms, (time.perf_counter() - t0) * 1000,
                      mapped.status if mapped else 500, base_log)
         if mapped is None:
             raise err
@@ -421,33 +448,37 @@ class AlignXRouter:
             APIError: 4xx for bad input / unknown model, 503 when the expert sheds load.
         """
         rid = new_completion_id()
-        direct = self._direct_axis(req.model)
+        target = self._resolve(req.model)
         gen_req = self._generate_request(req, rid)
         routing, route_ms = None, 0.0
-        if direct is None:
-            routing, axis, route_ms = await self.route(gen_req.messages)
+        axis: Axis | None
+        if target is None:
+            routing, axis, route_ms = await self.route(gen_req.messages,
+                                                       calibrated=req.model == ROUTED_MODEL)
         else:
-            axis = direct
-        handle = self.experts[axis]
+            axis = target if isinstance(target, Axis) else None
+        # the metrics/log label: the expert's axis, or the baseline's name
+        label = axis.value if axis is not None else str(target)
+        handle = self.experts[axis] if axis is not None else self.systems[str(target)]
         base_log: dict[str, Any] = dict(
-            request_id=rid, model=req.model, axis=axis.value, stream=req.stream,
+            request_id=rid, model=req.model, axis=label, stream=req.stream,
             confidence=routing.confidence if routing else None,
             ood=routing.ood if routing else None, route_ms=round(route_ms, 3))
         if self.settings.log_prompts:
             base_log["messages"] = gen_req.messages
         payload = gen_req.model_dump()
         if req.stream:
-            return await self._stream(rid, req.model, axis, routing, route_ms, handle, payload,
-                                      base_log)
+            return await self._stream(rid, req.model, axis, label, routing, route_ms, handle,
+                                      payload, base_log)
         t0 = time.perf_counter()
         try:
             raw = await handle.generate.remote(payload)
         except Exception as err:  # noqa: BLE001 - mapped to 4xx/503 or re-raised as is
-            self._raise_expert_error(err, axis, routing, route_ms, t0, base_log)
+            self._raise_expert_error(err, label, routing, route_ms, t0, base_log)
         result = raw if isinstance(raw, GenerateResult) else GenerateResult.model_validate(raw)
         expert_ms = (time.perf_counter() - t0) * 1000
         result = result.model_copy(update={"expert_ms": expert_ms})
-        self._record(axis, routing, route_ms, expert_ms, 200, base_log,
+        self._record(label, routing, route_ms, expert_ms, 200, base_log,
                      prompt_tokens=result.prompt_tokens,
                      completion_tokens=result.completion_tokens,
                      adapter=result.provenance.adapter, run=result.provenance.run)
@@ -458,20 +489,20 @@ class AlignXRouter:
             usage=Usage(prompt_tokens=result.prompt_tokens,
                         completion_tokens=result.completion_tokens,
                         total_tokens=result.prompt_tokens + result.completion_tokens),
-            alignx=self._info(axis, routing, route_ms, result),
+            alignx=self._info(req.model, axis, routing, route_ms, result),
         )
 
-    def _record(self, axis: Axis, routing: RoutingInfo | None, route_ms: float, expert_ms: float,
+    def _record(self, label: str, routing: RoutingInfo | None, route_ms: float, expert_ms: float,
                 status: int, base_log: dict[str, Any], **extra: Any) -> None:
-        self.metrics.record(axis=axis.value, routed=routing is not None,
+        self.metrics.record(axis=label, routed=routing is not None,
                             confidence=routing.confidence if routing else None,
                             ood=routing.ood if routing else None, route_ms=route_ms,
                             expert_ms=expert_ms, status=status)
         self._log(**base_log, expert_ms=round(expert_ms, 3), status=status, **extra)
 
-    async def _stream(self, rid: str, model: str, axis: Axis, routing: RoutingInfo | None,
-                      route_ms: float, handle: Any, payload: dict[str, Any],
-                      base_log: dict[str, Any]) -> AsyncIterator[str]:
+    async def _stream(self, rid: str, model: str, axis: Axis | None, label: str,
+                      routing: RoutingInfo | None, route_ms: float, handle: Any,
+                      payload: dict[str, Any], base_log: dict[str, Any]) -> AsyncIterator[str]:
         """Start the expert stream and return the SSE line iterator.
 
         The first item is awaited *before* the HTTP response starts, so errors raised at the
@@ -485,7 +516,7 @@ class AlignXRouter:
         except StopAsyncIteration:
             first = StreamDelta()
         except Exception as err:  # noqa: BLE001 - mapped to 4xx/503 or re-raised as is
-            self._raise_expert_error(err, axis, routing, route_ms, t0, base_log)
+            self._raise_expert_error(err, label, routing, route_ms, t0, base_log)
         created = int(time.time())
 
         def chunk(delta: DeltaMessage, finish: str | None = None, info: AlignXInfo | None = None,
@@ -497,7 +528,7 @@ class AlignXRouter:
 
         async def lines() -> AsyncIterator[str]:
             yield chunk(DeltaMessage(role="assistant", content=""),
-                        info=self._info(axis, routing, route_ms))
+                        info=self._info(model, axis, routing, route_ms))
             item: Any = first
             status = 200
             try:
@@ -510,7 +541,7 @@ class AlignXRouter:
                                       completion_tokens=res.completion_tokens,
                                       total_tokens=res.prompt_tokens + res.completion_tokens)
                         yield chunk(DeltaMessage(), res.finish_reason,
-                                    self._info(axis, routing, route_ms, res), usage)
+                                    self._info(model, axis, routing, route_ms, res), usage)
                         break
                     if d.text:
                         yield chunk(DeltaMessage(content=d.text))
@@ -523,7 +554,7 @@ class AlignXRouter:
                 log.exception("stream %s failed", rid)
                 yield f"data: {json.dumps(error_body(_msg(err), 'server_error'))}\n\n"
             finally:
-                self._record(axis, routing, route_ms, (time.perf_counter() - t0) * 1000, status,
+                self._record(label, routing, route_ms, (time.perf_counter() - t0) * 1000, status,
                              base_log)
             yield "data: [DONE]\n\n"
 
@@ -533,7 +564,7 @@ class AlignXRouter:
         """``POST /v1/route``: the routing decision without generation."""
         routing, axis, route_ms = await self.route(
             [{"role": m.role, "content": m.content} for m in req.messages])
-        return RouteResponse(alignx=self._info(axis, routing, route_ms))
+        return RouteResponse(alignx=self._info(ROUTED_MODEL, axis, routing, route_ms))
 
 
 # ----------------------------------------------------------------------------- HTTP layer

@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ROUTED_MODEL = "alignx"
+#: AlignX routed by the router's uncalibrated softmax (the ablation baseline).
+SOFTMAX_MODEL = "alignx-softmax"
 EXPERT_PREFIX = "expert-"
 
 
@@ -44,7 +46,8 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(description="'alignx' (routed) or 'expert-<axis>' (direct).")
+    model: str = Field(description="'alignx' (routed), 'alignx-softmax', 'expert-<axis>' "
+                       "(direct) or a baseline enabled on the server.")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="New-token cap; default per app.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
@@ -117,9 +120,15 @@ class GenerateResult(BaseModel):
 
 
 class AlignXInfo(BaseModel):
-    """The ``alignx`` extension object of every completion."""
+    """The ``alignx`` extension object of every completion.
 
-    axis: str
+    ``system`` is the model id that answered (``alignx``, ``alignx-softmax``, ``expert-<axis>``
+    or a baseline: ``base``, ``multitask``, ``h3fusion``); ``axis`` is the expert's axis, and
+    ``None`` for a baseline, which has no axis expert.
+    """
+
+    system: str | None = None
+    axis: str | None = None
     weights: dict[str, float] = Field(default_factory=dict)
     confidence: float | None = None
     ood: bool | None = None
