@@ -192,8 +192,11 @@ def _serve_classes() -> tuple[type, type, type]:
                              a.max_prompt_tokens, loader, torch_threads=a.torch_threads)
             self._submit.set_max_batch_size(a.max_batch_size)
             self._submit.set_batch_wait_timeout_s(a.batch_wait_timeout_s)
+            self.max_batch_size = a.max_batch_size  # generate_batch merges queued batches
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        # Batches that form while the model is busy must reach generate_batch to be merged, so
+        # they are not capped here (Serve may warn that batch size x batches > max_ongoing).
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
         async def _submit(self, requests: list[Any]) -> list[Any]:
             return await self.generate_batch(requests)  # type: ignore[attr-defined]
 

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from alignx.baselines.systems import BaseLoader
 from alignx.data.injection import inject_system
 from alignx.serve.backend import Completion, GenerationBackend, HFBackend, SamplingParams
 from alignx.serve.schemas import GenerateRequest, GenerateResult, Provenance, StreamDelta
+from alignx.serve.weights import release_heap
 
 if TYPE_CHECKING:
     from alignx.config import ModelCfg
@@ -143,6 +145,8 @@ class SystemGenerator:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gen-{name}")
         self._swap_lock = threading.Lock()
         self._state = state or self._load(run_dir)
+        if state is None:
+            release_heap()  # the loading garbage (tokenizer, config, adapter files)
 
     def _load(self, run_dir: str | Path) -> _ExpertState:
         return load_system_state(self.name, run_dir, self.model_cfg, self.base_loader)
@@ -235,23 +239,85 @@ class SystemGenerator:
         """Unbatched path (Serve replaces this with an ``@serve.batch`` version)."""
         return (await self.generate_batch([request]))[0]
 
+    #: Most requests generated together; the Serve wrapper sets its ``max_batch_size``.
+    max_batch_size: int = 8
+    _gen_queue: deque[tuple[GenerateRequest, asyncio.Future[GenerateResult]]] | None = None
+    _gen_task: asyncio.Task[None] | None = None
+
     async def generate_batch(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
         """Generate several requests together on the generation thread.
+
+        The requests join the queue of one generation loop, which takes everything queued (up
+        to ``max_batch_size``) whenever the model becomes free. ``@serve.batch`` closes a batch
+        ``batch_wait_timeout_s`` after its first request even while the model is still busy,
+        so under load the requests that come back staggered would otherwise run as many small
+        batches one after another; here batches that formed meanwhile are merged.
 
         Args:
             requests: validated requests.
 
         Returns:
-            Results in the same order; all share one adapter version (provenance).
+            Results in the same order; each batch shares one adapter version (provenance).
+
+        Raises:
+            PromptTooLongError: over the limit with the template of the current version.
+            Exception: what generation raised for the batch these requests ran in.
         """
-        state = self._state  # one version for the whole batch, even if a swap lands meanwhile
-        prompts = [self._prompt(state, r) for r in requests]
-        params = [self._params(r) for r in requests]
-        t0 = time.perf_counter()
+        if self._gen_queue is None:
+            self._gen_queue = deque()
         loop = asyncio.get_running_loop()
-        outs = await loop.run_in_executor(self._pool, state.backend.generate, prompts, params)
-        ms = (time.perf_counter() - t0) * 1000
-        return [self._result(c, state, ms) for c in outs]
+        futures: list[asyncio.Future[GenerateResult]] = []
+        for r in requests:
+            futures.append(loop.create_future())
+            self._gen_queue.append((r, futures[-1]))
+        if self._gen_task is None or self._gen_task.done():
+            self._gen_task = asyncio.create_task(self._generation_loop(self._gen_queue))
+        return list(await asyncio.gather(*futures))
+
+    async def _generation_loop(
+        self, queue: deque[tuple[GenerateRequest, asyncio.Future[GenerateResult]]]
+    ) -> None:
+        """Generate queued requests, up to ``max_batch_size`` at a time, until none is left.
+
+        When the queue runs empty, the freed activations of the last batch go back to the OS
+        (glibc would keep them in the generation thread's arena). No ``await`` lies between
+        the last empty-queue check and the loop's end, so a request queued after that check
+        finds the loop done and starts a new one.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            if not queue:
+                await loop.run_in_executor(self._pool, release_heap, False)
+                if not queue:
+                    break
+            state = self._state  # one version per batch, even if a swap lands meanwhile
+            take: list[tuple[GenerateRequest, asyncio.Future[GenerateResult], str]] = []
+            while queue and len(take) < self.max_batch_size:
+                req, fut = queue.popleft()
+                if fut.done():  # its caller was cancelled
+                    continue
+                try:
+                    take.append((req, fut, self._prompt(state, req)))
+                except PromptTooLongError as e:  # possible after a swap to a longer template
+                    fut.set_exception(e)
+            if not take:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outs = await loop.run_in_executor(
+                    self._pool, state.backend.generate, [p for _, _, p in take],
+                    [self._params(r) for r, _, _ in take])
+            except Exception as e:  # noqa: BLE001 - handed to every request of the batch
+                for _, fut, _ in take:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            ms = (time.perf_counter() - t0) * 1000
+            log.debug("%s: generated a batch of %d in %.0f ms", state.provenance.adapter,
+                      len(take), ms)
+            for (_, fut, _), c in zip(take, outs, strict=True):
+                if not fut.done():
+                    fut.set_result(self._result(c, state, ms))
 
     async def generate_stream(
         self, request: GenerateRequest | dict[str, Any]
