@@ -234,6 +234,16 @@ def test_localize_a_run_uri_uses_a_mirror(s3_server, tmp_path):
     assert (local / ADAPTER / "w.bin").read_bytes() == b"v1"
 
 
+def test_endpoint_from_the_environment(s3_server, tmp_path, monkeypatch):
+    """MinIO-style deployments can name the endpoint in AWS_ENDPOINT_URL_S3 instead of the URI."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{s3_server.endpoint}")
+    storage = f"s3://{s3_server.bucket}/env/{tmp_path.name}"
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    _write_artifact(a, {"w.bin": b"v1"}, "v1")
+    publish(_cfg(a, storage), ADAPTER)
+    assert fetch(_cfg(b, storage), ADAPTER)[ADAPTER] and (b / ADAPTER / "w.bin").read_bytes() == b"v1"
+
+
 def test_ray_train_location_on_s3(s3_server, tmp_path):
     from pyarrow.fs import S3FileSystem
 
