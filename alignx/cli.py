@@ -153,22 +153,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from alignx.serve import deploy
     from alignx.serve.app import build_app
-    from alignx.storage import run_location
     from alignx.train.trainer import ensure_ray
 
     cfg = resolve(args)
-    app_args = {
-        "run_dir": run_location(cfg) or cfg.run_dir,  # every replica's node sees shared storage
-        "config": str(Path(cfg.run_dir) / "config.yaml"),
-        "encoder": cfg.router.encoder,
-        "policy": cfg.router.policy,
-        "threshold": cfg.router.threshold,
-        "fallback": cfg.router.fallback.value,
-        "context_turns": cfg.router.context_turns,
-    }
-    if args.no_router:
-        app_args["routing_model"] = None
+    app_args = deploy.app_args(cfg, routing=not args.no_router)
     ensure_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(app_args), name="alignx", route_prefix="/")
@@ -183,11 +173,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    cfg = resolve(args)
+    if args.models:
+        from alignx.eval.run import evaluate_models
+
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        evaluate_models(cfg, models, force=args.force)
+        return 0
+    from alignx.eval.run import evaluate
+
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: that variable is not set")
+    evaluate(cfg, url=args.url, api_key=key)
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from alignx.pipeline import run_pipeline
 
     cfg = resolve(args)
-    run_pipeline(cfg, force=args.force)
+    run_pipeline(cfg, force=args.force, evaluate=not args.no_evaluate)
     return 0
 
 
@@ -236,9 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-router", action="store_true", help="serve only the expert-<axis> models")
+    p = add("evaluate", cmd_evaluate,
+            "evaluate AlignX and the baselines (deploys the run's app on Serve unless --url), "
+            "or run and compare several base models in parallel (--models)")
+    p.add_argument("--url", metavar="URL",
+                   help="an already running AlignX app, e.g. http://127.0.0.1:8000 (default: "
+                        "deploy the run's app for the evaluation)")
+    p.add_argument("--api-key-env", metavar="VAR", help="env var with the app's bearer key")
+    p.add_argument("--models", metavar="A,B,...",
+                   help="comma-separated base models (registry names, e.g. mistral7b,gemma7b,"
+                        "deepseek7b,llama2_7b): one whole pipeline per model, concurrently")
+    p.add_argument("--force", action="store_true", help="with --models: redo finished stages")
     p = add("pipeline", cmd_pipeline,
-            "run every stage in order (prepare -> train all + multi-task -> stage-1 report), resumable")
+            "run every stage in order (prepare -> train all + multi-task -> stage-1 report -> calibrate "
+            "-> baseline gates -> deploy + evaluate -> report), resumable")
     p.add_argument("--force", action="store_true", help="redo stages even if finished")
+    p.add_argument("--no-evaluate", action="store_true",
+                   help="stop after calibrating the router (no baseline gates, no Serve evaluation)")
     from alignx.submit import add_cluster_commands
 
     add_cluster_commands(sub, _add_common)  # `alignx submit` / `alignx jobs` (cluster/README.md)

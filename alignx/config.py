@@ -194,12 +194,77 @@ class BaselinesCfg(_Section):
     h3fusion: H3FusionCfg = H3FusionCfg()
 
 
+#: Systems an evaluation can compare (model ids of the Serve app): AlignX with the calibrated
+#: router, AlignX with the uncalibrated softmax router, and the METHOD.md baselines.
+EVAL_SYSTEMS = ("alignx", "alignx-softmax", "base", "multitask", "h3fusion")
+
+
+class EvalCfg(_Section):
+    """Evaluation (METHOD.md, evaluation protocol): which systems, how many prompts, judges."""
+
+    systems: list[str] = Field(
+        default_factory=lambda: list(EVAL_SYSTEMS),
+        description=f"Systems to evaluate: any of {', '.join(EVAL_SYSTEMS)} or expert-<axis>.",
+    )
+    win_rate_vs: str = Field(
+        "base", description="Opponent B of the helpfulness win rate: a system name, or "
+        "'reference' (the dataset's reference outputs as contestant, for LLM judges).",
+    )
+    prompts_per_axis: int | None = Field(100, ge=1, description="Test prompts per axis (None = all).")
+    mc_questions: int | None = Field(
+        None, ge=1, description="TruthfulQA questions for MC1/MC2 (None = prompts_per_axis).")
+    mc: bool = Field(True, description="Score TruthfulQA MC1/MC2 by log-likelihood.")
+    max_tokens: int = Field(64, ge=1, le=4096, description="Generated tokens per answer.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (reproducible).")
+    concurrency: int = Field(8, ge=1, le=256, description="Requests in flight per system.")
+    request_timeout_s: float = Field(300.0, gt=0, description="HTTP timeout per request.")
+    bootstrap_samples: int = Field(1000, ge=10, description="Bootstrap resamples for 95% CIs.")
+    validate_judges: bool = Field(True, description="Report each offline judge's validity.")
+    cost: bool = Field(True, description="Measure latency and peak memory per system.")
+    cost_prompts: int = Field(8, ge=1, description="Prompts per system for the cost measurement.")
+    judges: dict[str, Any] = Field(
+        default_factory=dict, description="Judge per axis (alignx.eval.judges.JudgesCfg), e.g. "
+        "{harmlessness: {kind: hf, path: /models/beaver-dam-7b}}; default: offline proxies.",
+    )
+    serve_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve app.")
+    app_name: str = Field("alignx", pattern=r"^[A-Za-z0-9_.-]+$", description="Serve application name.")
+    route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9_./-]*$", description="Serve route prefix.")
+    keep_serving: bool = Field(False, description="Leave the app running after the pipeline.")
+
+    @field_validator("systems")
+    @classmethod
+    def _systems(cls, v: list[str]) -> list[str]:
+        experts = {f"expert-{a.value}" for a in AXES}
+        bad = [s for s in v if s not in EVAL_SYSTEMS and s not in experts]
+        if bad:
+            raise ValueError(f"unknown systems {bad}; valid: {', '.join(EVAL_SYSTEMS)}, "
+                             f"{', '.join(sorted(experts))}")
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"systems must be non-empty and without duplicates, got {v}")
+        return v
+
+    @field_validator("judges")
+    @classmethod
+    def _judges(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from alignx.eval.judges import JudgesCfg  # lazy: judges imports this module's package
+
+        return JudgesCfg.model_validate(v).model_dump(mode="json", exclude_defaults=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalCfg:
+        if self.win_rate_vs != "reference" and self.win_rate_vs not in self.systems:
+            raise ValueError(f"eval.win_rate_vs={self.win_rate_vs!r} must be 'reference' or one "
+                             f"of eval.systems {self.systems}")
+        return self
+
+
 #: Sections each stage's artifacts depend on (see ``AlignXConfig.stage_hash``).
 _STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare": ("axes", "data"),
     "train": ("axes", "model", "data", "train", "seed"),
     "calibrate": ("axes", "model", "data", "router", "seed"),
     "baselines": ("axes", "model", "data", "train", "baselines", "seed"),
+    "evaluate": ("axes", "model", "data", "train", "router", "baselines", "eval", "seed"),
 }
 
 
@@ -219,6 +284,7 @@ class AlignXConfig(_Section):
     train: TrainCfg = TrainCfg()
     router: RouterCfg = RouterCfg()
     baselines: BaselinesCfg = BaselinesCfg()
+    eval: EvalCfg = EvalCfg()
     seed: int = 0
 
     @field_validator("axes")
@@ -261,7 +327,7 @@ class AlignXConfig(_Section):
         """Hash of the sections a stage's output depends on (a finished stage with the same
         hash is not redone by the pipeline)."""
         d = self.model_dump(mode="json")
-        keep = {k: d[k] for k in _STAGE_SECTIONS[stage]}
+        keep = {k: d.get(k) for k in _STAGE_SECTIONS[stage]}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alignx.artifacts import MULTITASK, AdapterManifest, ArtifactLayout
+from alignx.artifacts import MULTITASK, AdapterManifest, ArtifactLayout, read_json
 from alignx.axes import Axis
 
 if TYPE_CHECKING:
@@ -95,10 +95,16 @@ def _done(cfg: AlignXConfig, path: Path, stage: str) -> bool:
     return any(fetch(cfg, artifact).values()) and _finished(path, cfg.stage_hash(stage))
 
 
-def run_pipeline(cfg: AlignXConfig, force: bool = False) -> None:
-    """prepare -> train all axes (+ multi-task) -> stage-1 report -> calibrate the router.
+def run_pipeline(cfg: AlignXConfig, force: bool = False, evaluate: bool = True) -> None:
+    """prepare -> train all axes (+ multi-task) -> stage-1 report -> calibrate the router
+    -> H3Fusion baseline gates -> deploy on Serve + evaluate every system -> report.
 
     Every stage is skipped when its output exists and was made from the same config sections.
+
+    Args:
+        cfg: the run config.
+        force: redo every stage.
+        evaluate: run the last two stages (baseline gates, deploy + evaluate).
     """
     from alignx.interference import stage1_report
     from alignx.router.calibrate import calibrate_router, format_report
@@ -108,24 +114,57 @@ def run_pipeline(cfg: AlignXConfig, force: bool = False) -> None:
     layout = ArtifactLayout(cfg.run_dir)
     layout.save_config(cfg)
     publish(cfg, layout.config_path)
-    log.info("[1/4] prepare data -> %s", layout.root / "data")
+    log.info("[1/6] prepare data -> %s", layout.root / "data")
     run_prepare(cfg)
-    log.info("[2/4] train %d experts concurrently + multi-task baseline", len(cfg.axes))
+    log.info("[2/6] train %d experts concurrently + multi-task baseline", len(cfg.axes))
     run_train(cfg, list(cfg.axes), multitask=True, force=force)
     if not force and _done(cfg, layout.stage1_report, "train"):
-        log.info("[3/4] stage-1 report is up to date; skipping")
+        log.info("[3/6] stage-1 report is up to date; skipping")
     else:
-        log.info("[3/4] stage-1 report")
+        log.info("[3/6] stage-1 report")
         print(stage1_report(cfg)["table"], flush=True)
     router_manifest = layout.root / "router" / "manifest.json"
     if not force and _done(cfg, router_manifest, "calibrate"):
-        log.info("[4/4] router is up to date; skipping")
+        log.info("[4/6] router is up to date; skipping")
     else:
         from alignx.artifacts import read_json
         from alignx.train.trainer import ensure_ray
 
-        log.info("[4/4] calibrate the MoCaE router")
+        log.info("[4/6] calibrate the MoCaE router")
         ensure_ray()
         calibrate_router(cfg)
         print(format_report(read_json(layout.root / "router" / "router_report.json")), flush=True)
+    if evaluate:
+        run_baselines(cfg, force)
+        run_evaluate(cfg, force)
     print(f"pipeline finished in {time.time() - t0:.0f}s; artifacts in {layout.root}", flush=True)
+
+
+def run_baselines(cfg: AlignXConfig, force: bool = False) -> None:
+    """[5/6] Train the H3Fusion-style token-MoE gates when ``h3fusion`` is evaluated."""
+    if "h3fusion" not in cfg.eval.systems:
+        log.info("[5/6] h3fusion is not in eval.systems; no baseline gates to train")
+        return
+    from alignx.baselines.h3fusion import finished_h3fusion, train_h3fusion
+    from alignx.train.trainer import ensure_ray
+
+    if not force and finished_h3fusion(cfg) is not None:
+        log.info("[5/6] H3Fusion gates are up to date; skipping")
+        return
+    log.info("[5/6] train the H3Fusion token-MoE gates (baseline)")
+    ensure_ray()
+    train_h3fusion(cfg, force=force)
+
+
+def run_evaluate(cfg: AlignXConfig, force: bool = False) -> None:
+    """[6/6] Deploy the app with every evaluated system on Serve, evaluate, write the report."""
+    from alignx.eval.run import evaluate, report_path
+
+    if not force and _finished(report_path(cfg), cfg.stage_hash("evaluate")):
+        from alignx.eval.report import markdown_table
+
+        log.info("[6/6] evaluation report is up to date; skipping")
+        print(markdown_table(read_json(report_path(cfg))), flush=True)
+        return
+    log.info("[6/6] deploy on Serve and evaluate %s", ", ".join(cfg.eval.systems))
+    evaluate(cfg)

@@ -268,8 +268,8 @@ def generate_all(
         prompts: the test prompts by axis.
         settings: generation settings and artifact fingerprints that go into the key
             (``max_tokens``, ``temperature``, stage hashes ...).
-        concurrency: requests in flight per system.
-        progress: show a progress bar per system.
+        concurrency: requests in flight per system (all systems are queried at once).
+        progress: show a progress bar.
 
     Returns:
         ``{system: {uid: Generation}}`` for every prompt.
@@ -281,39 +281,41 @@ def generate_all(
     from tqdm.auto import tqdm
 
     flat = [p for ps in prompts.values() for p in ps]
-    out: dict[str, dict[str, Generation]] = {}
-    failures: list[str] = []
+    out: dict[str, dict[str, Generation]] = {s: {} for s in systems}
+    todo: list[tuple[str, str, EvalPrompt]] = []
     for system in systems:
-        out[system] = {}
-        todo = []
         for p in flat:
             key = generation_key(system, p, settings)
             got = store.get(key)
             if got is not None:
                 out[system][p.uid] = got
             else:
-                todo.append((key, p))
-        bar = tqdm(total=len(flat), initial=len(flat) - len(todo), desc=f"generate {system}",
-                   unit="ans", disable=not progress, dynamic_ncols=True)
+                todo.append((system, key, p))
+    total = len(flat) * len(systems)
+    bar = tqdm(total=total, initial=total - len(todo), desc=f"generate ({len(systems)} systems)",
+               unit="ans", disable=not progress, dynamic_ncols=True)
+    failures: list[str] = []
 
-        def one(key: str, p: EvalPrompt, system: str = system) -> Generation:
-            resp = client.chat(system, p.messages, settings["max_tokens"], settings["temperature"])
-            return _to_generation(key, system, p, resp)
+    def one(system: str, key: str, p: EvalPrompt) -> Generation:
+        resp = client.chat(system, p.messages, settings["max_tokens"], settings["temperature"])
+        return _to_generation(key, system, p, resp)
 
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            futs = {pool.submit(one, k, p): (k, p) for k, p in todo}
-            for fut in as_completed(futs):
-                key, p = futs[fut]
-                try:
-                    g = fut.result()
-                except RuntimeError as e:
-                    g = Generation(key, system, p.uid, p.axis.value, "", 0.0, error=str(e))
-                    failures.append(f"{system}/{p.uid}: {e}")
-                store.add(g)
-                if not g.error:
-                    out[system][p.uid] = g
-                bar.update(1)
-        bar.close()
+    # All systems at once: their deployments are separate replicas, so they generate in
+    # parallel; `concurrency` requests in flight per system keeps each one's batches full.
+    with ThreadPoolExecutor(max_workers=concurrency * len(systems)) as pool:
+        futs = {pool.submit(one, *t): t for t in todo}
+        for fut in as_completed(futs):
+            system, key, p = futs[fut]
+            try:
+                g = fut.result()
+            except RuntimeError as e:
+                g = Generation(key, system, p.uid, p.axis.value, "", 0.0, error=str(e))
+                failures.append(f"{system}/{p.uid}: {e}")
+            store.add(g)
+            if not g.error:
+                out[system][p.uid] = g
+            bar.update(1)
+    bar.close()
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed (answers so far are saved; rerun to "
                            f"resume); first: {failures[0]}")

@@ -108,6 +108,12 @@ def last_user_turn(prompt: str) -> str:
     return head.rsplit("Human:", 1)[1].strip()
 
 
+def _split_last_reply(transcript: str) -> tuple[str, str]:
+    """Split an HH-RLHF transcript into (dialogue up to the last ``Assistant:``, last reply)."""
+    head, sep, reply = transcript.rpartition("\n\nAssistant:")
+    return (head + sep, reply) if sep else (transcript, "")
+
+
 def read_hh_harmless_pairs(data_dir: str | Path, split: str) -> list[PreferencePair]:
     """Read HH-RLHF harmless pairs of one split, keeping only usable comparisons.
 
@@ -125,14 +131,18 @@ def read_hh_harmless_pairs(data_dir: str | Path, split: str) -> list[PreferenceP
         FileNotFoundError: the split file is missing.
     """
     rows = read_jsonl(Path(data_dir) / "hh_rlhf_harmless" / f"{split}.jsonl")
-    pairs = [
-        PreferencePair(r["prompt"], r["chosen_response"].strip(), r["rejected_response"].strip())
-        for r in rows
-        if r.get("same_prompt", True)
-        and r["chosen_response"].strip()
-        and r["rejected_response"].strip()
-        and r["chosen_response"].strip() != r["rejected_response"].strip()
-    ]
+    pairs = []
+    for r in rows:
+        if "chosen_response" in r:  # the shared data's pre-split form
+            prompt, chosen, rejected = r["prompt"], r["chosen_response"], r["rejected_response"]
+            same = r.get("same_prompt", True)
+        else:  # upstream Anthropic/hh-rlhf rows: two whole transcripts
+            prompt, chosen = _split_last_reply(r["chosen"])
+            rejected_prompt, rejected = _split_last_reply(r["rejected"])
+            same = prompt == rejected_prompt
+        chosen, rejected = chosen.strip(), rejected.strip()
+        if same and chosen and rejected and chosen != rejected:
+            pairs.append(PreferencePair(prompt, chosen, rejected))
     logger.info("hh_rlhf_harmless/%s: %d usable pairs of %d", split, len(pairs), len(rows))
     return pairs
 

@@ -160,8 +160,10 @@ def evaluate(
         if cost_fn is None:
             from alignx.baselines.cost import measure_costs as cost_fn
         flat = [p for ps in prompts.values() for p in ps]
-        report["cost"] = cost_fn(cfg, systems, [list(p.messages) for p in flat[:: max(
-            1, len(flat) // cfg.eval.cost_prompts)][: cfg.eval.cost_prompts]])
+        step = max(1, len(flat) // cfg.eval.cost_prompts)
+        report["cost"] = cost_fn(cfg.run_dir, cfg.model, systems,
+                                 [list(p.messages) for p in flat[::step][: cfg.eval.cost_prompts]],
+                                 max_tokens=cfg.eval.max_tokens)
     report["elapsed_s"] = round(time.time() - t0, 1)
     paths = write_report(report, out_dir)
     print(f"\n{markdown_table(report)}\n\nreport: {paths['json']} ({paths['markdown'].name}, "
@@ -190,7 +192,8 @@ def model_config(cfg: AlignXConfig, model: str) -> AlignXConfig:
     return validate_config(d, f"<{model} pipeline>")
 
 
-def evaluate_models(cfg: AlignXConfig, models: list[str], force: bool = False) -> dict[str, Any]:
+def evaluate_models(cfg: AlignXConfig, models: list[str], force: bool = False,
+                    worker_group_timeout_s: float = 1800.0) -> dict[str, Any]:
     """Run the whole pipeline for each base model concurrently and merge the reports.
 
     Each model's pipeline (prepare -> train -> calibrate -> baselines -> deploy -> evaluate)
@@ -198,6 +201,12 @@ def evaluate_models(cfg: AlignXConfig, models: list[str], force: bool = False) -
     Serve replicas they start ask for what the config gives them, so Ray places and queues the
     four pipelines' work by resources. Each model's app has its own name and route prefix on
     the shared Serve proxy.
+
+    Args:
+        cfg: the shared config; each model gets :func:`model_config` of it.
+        models: base model names (registry names, Hub ids or paths).
+        force: redo finished stages.
+        worker_group_timeout_s: how long a training worker group may wait for resources.
 
     Returns:
         The comparison (also ``<run_dir>/comparison.json``, ``comparison.md`` and
@@ -229,7 +238,10 @@ def evaluate_models(cfg: AlignXConfig, models: list[str], force: bool = False) -
             run_pipeline(c, force=force)
             return str(report_path(c))
 
-    runners = {m: PipelineRunner.options(name=None).remote() for m in models}
+    # The pipelines' Ray Train worker groups queue for the same CPUs/GPUs: let them wait for
+    # resources longer than Ray Train's default 60 s instead of failing.
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(int(worker_group_timeout_s))}
+    runners = {m: PipelineRunner.options(runtime_env={"env_vars": env}).remote() for m in models}
     refs = {m: runners[m].run.remote(cfgs[m], force) for m in models}
     failed: dict[str, str] = {}
     for m, ref in refs.items():

@@ -32,8 +32,11 @@ def app_args(cfg: AlignXConfig, systems: list[str] | None = None,
         systems: evaluation systems to serve; baselines among them become extra deployments.
         routing: serve the calibrated router (``alignx``); False serves only the experts.
     """
+    from alignx.storage import run_location
+
     args: dict[str, Any] = {
-        "run_dir": str(Path(cfg.run_dir).resolve()),
+        # with shared storage every replica's node fetches the run from there
+        "run_dir": run_location(cfg) or str(Path(cfg.run_dir).resolve()),
         "config": str(Path(cfg.run_dir).resolve() / "config.yaml"),
         "encoder": cfg.router.encoder,
         "policy": cfg.router.policy,
@@ -83,6 +86,7 @@ def deploy(cfg: AlignXConfig, systems: list[str] | None = None, *, host: str = "
     app = build_app(app_args(cfg, systems, routing))
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
+    host, port = _actual_http(host, port)  # a running Serve instance keeps its own proxy port
     log.info("deploying %s at %s (systems %s)", name, app_url(host, port, prefix), systems)
     serve.run(app, name=name, route_prefix=prefix, blocking=False)
     url = app_url(host, port, prefix)
@@ -97,6 +101,20 @@ def deploy(cfg: AlignXConfig, systems: list[str] | None = None, *, host: str = "
             raise TimeoutError(f"app {name!r} at {url} did not answer /healthz within "
                                f"{ready_timeout_s:.0f}s; see `serve status`")
         time.sleep(1.0)
+
+
+def _actual_http(host: str, port: int) -> tuple[str, int]:
+    """The proxy's real host/port: ``serve.start`` on a running instance does not move it."""
+    try:
+        from ray.serve.context import _get_global_client  # no public getter in Ray 2.60
+
+        cfg = _get_global_client().http_config
+    except Exception:  # noqa: BLE001 - best effort: fall back to what was asked for
+        return host, port
+    if cfg.port != port:
+        log.warning("Serve is already running with HTTP on port %s (asked for %s); using it",
+                    cfg.port, port)
+    return (host if cfg.host in ("0.0.0.0", None) else cfg.host), cfg.port
 
 
 def undeploy(name: str) -> None:
