@@ -58,24 +58,37 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (2 CPUs, dashboard on loopback for Jobs/Serve)."""
-    import ray
-
+def worker_env_vars() -> dict[str, str]:
+    """Env vars for every Ray worker of a test session: the project's, plus this checkout on
+    ``PYTHONPATH``."""
     from alignx.envs import ray_runtime_env_vars
 
+    env = ray_runtime_env_vars()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return env
+
+
+def start_local_ray() -> None:
+    """Start the session's local Ray (2 CPUs, dashboard on loopback for Jobs/Serve)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": worker_env_vars()},
+        log_to_driver=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (see :func:`start_local_ray`)."""
+    import ray
+
     if not ray.is_initialized():
-        env = ray_runtime_env_vars()
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            runtime_env={"env_vars": env},
-            log_to_driver=False,
-        )
+        start_local_ray()
     yield ray
     ray.shutdown()
 
@@ -93,7 +106,7 @@ def tiny_run(ray_local, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny-run")
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [f"data.data_dir={FIXTURES}"],
                       run_dir=str(run_dir))
-    run_pipeline(cfg)
+    run_pipeline(cfg, evaluate=False)  # tests/eval/test_harness_serve.py evaluates it
     return cfg
 
 
