@@ -383,7 +383,7 @@ def score_systems(
         if Axis.HELPFULNESS in prompts:
             ps = prompts[Axis.HELPFULNESS]
             items = [PairwiseItem(
-                hh_text(p.messages).removesuffix("\n\nAssistant:").strip(),
+                p.text,  # the instruction (Alpaca prompts are single-turn)
                 by_uid[p.uid].text,
                 p.reference if vs == "reference" else gens[vs][p.uid].text,
                 p.reference) for p in ps]
