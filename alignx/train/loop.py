@@ -329,7 +329,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ``hooks`` (test hooks: ``fail_once_at_step`` + ``fail_marker`` (+ ``fail_delay_s``)
             make the worker process exit once after that step; ``persistence_threshold`` overrides
             ZeRO-3's; ``rendezvous_dir`` + ``rendezvous_count`` hold every trainer until all
-            have started).
+            have started; ``step_delay_s`` sleeps after every step, so that a test can act on
+            a run in progress, e.g. kill one of its worker processes).
 
     Raises:
         ValueError: a checkpoint from another configuration, or too little data.
@@ -515,6 +516,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 lr,
                 step_tokens / max(seconds, 1e-9),
             )
+        if hooks.get("step_delay_s"):
+            time.sleep(float(hooks["step_delay_s"]))
         if hooks.get("fail_once_at_step") == state.global_step and rank == 0:
             marker = Path(hooks["fail_marker"])
             if not marker.exists():
