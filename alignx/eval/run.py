@@ -225,6 +225,9 @@ def evaluate_models(cfg: AlignXConfig, models: list[str], force: bool = False,
         raise ValueError("--models needs at least one registry name (see `alignx models`)")
     cfgs = {m: model_config(cfg, m) for m in models}
     ensure_ray()
+    from alignx.serve.deploy import start_serve
+
+    start_serve("127.0.0.1", cfg.eval.serve_port)  # once, before the pipelines race to it
 
     @ray.remote(num_cpus=0)
     class PipelineRunner:

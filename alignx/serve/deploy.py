@@ -85,7 +85,7 @@ def deploy(cfg: AlignXConfig, systems: list[str] | None = None, *, host: str = "
     prefix = route_prefix or cfg.eval.route_prefix
     app = build_app(app_args(cfg, systems, routing))
     ensure_ray()
-    serve.start(http_options={"host": host, "port": port})
+    start_serve(host, port)
     host, port = _actual_http(host, port)  # a running Serve instance keeps its own proxy port
     log.info("deploying %s at %s (systems %s)", name, app_url(host, port, prefix), systems)
     serve.run(app, name=name, route_prefix=prefix, blocking=False)
@@ -101,6 +101,26 @@ def deploy(cfg: AlignXConfig, systems: list[str] | None = None, *, host: str = "
             raise TimeoutError(f"app {name!r} at {url} did not answer /healthz within "
                                f"{ready_timeout_s:.0f}s; see `serve status`")
         time.sleep(1.0)
+
+
+def start_serve(host: str, port: int, attempts: int = 5) -> None:
+    """Start Serve's controller and proxy, or connect to the running ones.
+
+    Several drivers (the pipelines of ``alignx evaluate --models``) may start Serve at the
+    same moment; the loser of that race sees ``ActorAlreadyExistsError`` and simply connects
+    on the next attempt.
+    """
+    from ray import serve
+    from ray.exceptions import ActorAlreadyExistsError
+
+    for attempt in range(attempts):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            return
+        except ActorAlreadyExistsError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2.0)
 
 
 def _actual_http(host: str, port: int) -> tuple[str, int]:
