@@ -10,6 +10,9 @@ generation backend (:class:`~alignx.serve.backend.HFBackend`, the expert path), 
   routing included (after one warm-up request that is not counted);
 * ``ms_per_token``: total time over total generated tokens (systems that stop earlier at EOS
   have cheaper requests; this evens that out);
+* ``cpu_ms_p50`` / ``cpu_ms_per_token``: the CPU time the process spent per request
+  (``time.process_time``), which other jobs on a shared machine inflate far less than wall
+  time (with one thread it is the request's compute);
 * ``peak_rss_mib``: the process's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``),
   which includes what every process pays to import torch/transformers, and
   ``rss_mib``: the resident set after the requests;
@@ -183,7 +186,7 @@ def measure_in_process(name: str, run_dir: str | Path, model_cfg: dict[str, Any]
     Use :func:`measure_costs` instead: peak RSS is only meaningful in a fresh process.
 
     Returns:
-        ``{latencies_ms, completion_tokens, load_s, peak_rss_mib, rss_mib, weights_mib}``.
+        ``{latencies_ms, cpu_ms, completion_tokens, load_s, peak_rss_mib, rss_mib, weights_mib}``.
     """
     import torch
 
@@ -200,13 +203,14 @@ def measure_in_process(name: str, run_dir: str | Path, model_cfg: dict[str, Any]
     load_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=max_tokens)
     system.generate(prompts[0], params)  # warm-up (lazy inits), not counted
-    lat, toks = [], []
+    lat, cpu, toks = [], [], []
     for msgs in prompts:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = system.generate(msgs, params)
         lat.append((time.perf_counter() - t) * 1000)
+        cpu.append((time.process_time() - c) * 1000)
         toks.append(out.completion_tokens)
-    return {"latencies_ms": lat, "completion_tokens": toks, "load_s": load_s,
+    return {"latencies_ms": lat, "cpu_ms": cpu, "completion_tokens": toks, "load_s": load_s,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_mib": _current_rss_mib(), "weights_mib": system.weights_bytes() / 2**20}
 
@@ -240,6 +244,7 @@ def _run_worker(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     lat = np.array([x for r in runs for x in r["latencies_ms"]])
+    cpu = np.array([x for r in runs for x in r["cpu_ms"]])
     toks = np.array([x for r in runs for x in r["completion_tokens"]])
     return {
         "requests": int(lat.size),
@@ -248,6 +253,8 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_ms_mean": float(lat.mean()),
         "completion_tokens_mean": float(toks.mean()),
         "ms_per_token": float(lat.sum() / max(int(toks.sum()), 1)),
+        "cpu_ms_p50": float(np.percentile(cpu, 50)),
+        "cpu_ms_per_token": float(cpu.sum() / max(int(toks.sum()), 1)),
         "peak_rss_mib": float(np.median([r["peak_rss_mib"] for r in runs])),
         "rss_mib": float(np.median([r["rss_mib"] for r in runs])),
         "weights_mib": float(runs[0]["weights_mib"]),
@@ -264,13 +271,14 @@ def claim_check(systems: dict[str, dict[str, Any]], ours: str = "alignx",
     """AlignX's relative reductions against the token-level MoE and whether each reaches 35%.
 
     Returns:
-        ``{metric: {ours, prior, reduction, meets_claim}}`` for p50 latency, ms per token, peak
-        RSS and weights, or ``None`` when either system was not measured.
+        ``{metric: {ours, prior, reduction, meets_claim}}`` for p50 latency, ms per token, CPU
+        ms (p50, per token), peak RSS and weights, or ``None`` when either was not measured.
     """
     if ours not in systems or prior not in systems:
         return None
     out = {}
-    for k in ("latency_ms_p50", "ms_per_token", "peak_rss_mib", "weights_mib"):
+    for k in ("latency_ms_p50", "ms_per_token", "cpu_ms_p50", "cpu_ms_per_token", "peak_rss_mib",
+              "weights_mib"):
         a, b = systems[ours][k], systems[prior][k]
         red = _reduction(a, b)
         out[k] = {ours: a, prior: b, "reduction": red, "meets_claim": bool(red > CLAIMED_REDUCTION)}
@@ -360,6 +368,7 @@ def measure_costs(
 def format_costs(costs: dict[str, Any]) -> str:
     """A plain-text table of :func:`measure_costs`' result."""
     cols = [("latency_ms_p50", "p50 ms"), ("latency_ms_p95", "p95 ms"), ("ms_per_token", "ms/tok"),
+            ("cpu_ms_p50", "CPU p50 ms"), ("cpu_ms_per_token", "CPU ms/tok"),
             ("completion_tokens_mean", "tokens"), ("peak_rss_mib", "peak RSS MiB"),
             ("weights_mib", "weights MiB")]
     lines = ["system".ljust(16) + "".join(t.rjust(14) for _, t in cols)]

@@ -140,12 +140,14 @@ def test_app_args_baselines_and_deployment_options(tmp_path):
 def test_cost_summary_and_claim_check():
     from alignx.baselines.cost import _summary, claim_check, format_costs
 
-    runs = [{"latencies_ms": [100.0, 200.0, 300.0], "completion_tokens": [10, 10, 10],
+    runs = [{"latencies_ms": [100.0, 200.0, 300.0], "cpu_ms": [90.0, 180.0, 270.0],
+             "completion_tokens": [10, 10, 10],
              "peak_rss_mib": 500.0, "rss_mib": 450.0, "weights_mib": 100.0, "load_s": 1.0}]
     s = _summary(runs)
     assert s["latency_ms_p50"] == 200.0 and s["ms_per_token"] == 20.0 and s["requests"] == 3
+    assert s["cpu_ms_p50"] == 180.0 and s["cpu_ms_per_token"] == 18.0
     fast = {**s, "latency_ms_p50": 100.0, "ms_per_token": 10.0, "peak_rss_mib": 400.0,
-            "weights_mib": 60.0}
+            "weights_mib": 60.0, "cpu_ms_p50": 90.0, "cpu_ms_per_token": 9.0}
     check = claim_check({"alignx": fast, "h3fusion": s})
     assert check["latency_ms_p50"]["reduction"] == pytest.approx(0.5)
     assert check["latency_ms_p50"]["meets_claim"] and not check["peak_rss_mib"]["meets_claim"]
