@@ -170,6 +170,7 @@ def deployment_options(args: AppArgs) -> dict[str, dict[str, Any]]:
 
 def _serve_classes() -> tuple[type, type, type]:
     from ray import serve
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
     from ray.serve.exceptions import BackPressureError
     from ray.serve.metrics import Counter, Histogram
 
@@ -257,7 +258,8 @@ def _serve_classes() -> tuple[type, type, type]:
                 encoder = build_encoder(a.encoder, mcfg)
             super().__init__(experts, routing, encoder, a.router_settings(),
                              tokenizer=load_tokenizer(mcfg), metrics=RayRouterMetrics(),
-                             overload_errors=(BackPressureError,), systems=systems)
+                             overload_errors=(BackPressureError,), systems=systems,
+                             unavailable_errors=(ActorDiedError, ActorUnavailableError))
 
         def __serve_build_asgi_app__(self):  # noqa: ANN204 - Serve's late-bound ingress hook
             return build_router_api(self)

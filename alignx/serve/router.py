@@ -257,6 +257,9 @@ class AlignXRouter:
         metrics: :class:`RouterMetrics` sink.
         overload_errors: exception types that mean "expert overloaded" (Serve's
             ``BackPressureError``), answered with 503.
+        unavailable_errors: exception types that mean "the replica died mid-request" (Ray's
+            ``ActorDiedError``/``ActorUnavailableError``, e.g. its node was lost), answered
+            with 503 so clients know a retry is safe while Serve replaces the replica.
         systems: ``{name: handle}`` of the baseline systems served under their own model id
             (``base``, ``multitask``, ``h3fusion``); same handle interface as the experts.
 
@@ -274,6 +277,7 @@ class AlignXRouter:
         metrics: RouterMetrics | None = None,
         overload_errors: tuple[type[BaseException], ...] = (),
         systems: Mapping[str, Any] | None = None,
+        unavailable_errors: tuple[type[BaseException], ...] = (),
     ):
         self.experts: dict[Axis, Any] = {parse_axis(a): h for a, h in experts.items()}
         self.systems: dict[str, Any] = dict(systems or {})
@@ -288,6 +292,7 @@ class AlignXRouter:
         self.tokenizer = tokenizer
         self.metrics = metrics or NullMetrics()
         self.overload_errors = overload_errors
+        self.unavailable_errors = unavailable_errors
         if routing_model is not None:
             missing = [a.value for a in routing_model.axes if a not in self.experts]
             if missing:
@@ -430,6 +435,9 @@ class AlignXRouter:
         if self.overload_errors and isinstance(err, self.overload_errors):
             return APIError(503, "the expert is overloaded; retry later", "overloaded_error",
                             code="overloaded")
+        if self.unavailable_errors and isinstance(err, self.unavailable_errors):
+            return APIError(503, "the expert replica became unavailable (it is being replaced); "
+                            "retry", "server_error", code="replica_unavailable")
         if _is_prompt_too_long(err):
             return APIError(400, _msg(err), param="messages", code="context_length_exceeded")
         return None

@@ -87,7 +87,8 @@ def make_router(policy="top1", threshold=0.5, api_key=None, fail=None, tokenizer
         experts, rf.KeywordRouting(), rf.KeywordEncoder(),
         RouterSettings(policy=policy, threshold=threshold, api_key=api_key,
                        max_prompt_tokens=max_prompt_tokens, max_tokens_limit=256),
-        tokenizer=tokenizer, metrics=metrics, overload_errors=(Overloaded,))
+        tokenizer=tokenizer, metrics=metrics, overload_errors=(Overloaded,),
+        unavailable_errors=(ReplicaGone,))
     return router, experts, metrics
 
 
@@ -288,6 +289,20 @@ def test_expert_side_prompt_too_long_is_400():
     err = _assert_error(c.post("/v1/chat/completions", json=body()), 400)
     assert "999" in err["message"]
     err = _assert_error(c.post("/v1/chat/completions", json=body(stream=True)), 400)
+
+
+class ReplicaGone(RuntimeError):
+    """Stands in for Ray's ActorDiedError (the replica's node was lost mid-request)."""
+
+
+def test_a_replica_lost_mid_request_is_503_not_500():
+    router, _, metrics = make_router(fail=ReplicaGone("actor died"))
+    c = TestClient(build_router_api(router), raise_server_exceptions=False)
+    err = _assert_error(c.post("/v1/chat/completions", json=body()), 503, "server_error")
+    assert err["code"] == "replica_unavailable"
+    assert "retry" in err["message"]
+    _assert_error(c.post("/v1/chat/completions", json=body(stream=True)), 503)
+    assert metrics.records[-1]["status"] == 503
 
 
 def test_overload_is_503():
