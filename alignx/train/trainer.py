@@ -85,7 +85,9 @@ def ensure_ray() -> None:
     env = ray_runtime_env_vars()
     repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    ray.init(runtime_env={"env_vars": env})
+    # address="local": a new Ray for this driver, as documented above. A bare ray.init() would
+    # attach to whatever `ray start` cluster happens to run on the machine (and die with it).
+    ray.init(address="local", runtime_env={"env_vars": env})
 
 
 def run_name(cfg: AlignXConfig, name: str) -> str:
