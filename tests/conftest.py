@@ -68,6 +68,19 @@ def worker_env_vars() -> dict[str, str]:
     return env
 
 
+def forget_serve_client() -> None:
+    """Drop the Serve controller handle this process cached for an earlier Ray instance.
+
+    Serve keys its cached client by the driver's job id, and the first driver of every new
+    Ray instance gets the same id (``01000000``): after ``ray.shutdown()`` and ``ray.init()``
+    against another cluster, ``serve.status()`` would call the old instance's dead controller
+    ("Can't find actor ... from a different cluster"). Call after every switch of cluster.
+    """
+    from ray.serve import context
+
+    context._set_global_client(None)
+
+
 def start_local_ray() -> None:
     """Start the session's local Ray (2 CPUs, dashboard on loopback for Jobs/Serve)."""
     import ray
@@ -80,6 +93,7 @@ def start_local_ray() -> None:
         runtime_env={"env_vars": worker_env_vars()},
         log_to_driver=False,
     )
+    forget_serve_client()
 
 
 @pytest.fixture(scope="session")

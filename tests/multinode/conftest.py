@@ -147,6 +147,7 @@ def multinode(tmp_path_factory):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env={"env_vars": mn.worker_env},
                  log_to_driver=False)
+        root.forget_serve_client()  # Serve's handle to the parked local Ray's controller
         print(f"multi-node cluster up in {time.time() - t0:.1f}s: {mn.node_ids()}")
         yield mn
     finally:
