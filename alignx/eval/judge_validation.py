@@ -265,6 +265,10 @@ def validate_truth_judge(
     pairs = [p for q in qs for p in leave_one_out_items(q.question, q.correct, q.incorrect)]
     if not pairs:
         raise ValueError(f"truthfulqa/{split}: no question has enough reference answers")
+    if all(g for _, g in pairs) or not any(g for _, g in pairs):
+        raise ValueError(f"truthfulqa/{split}: the leave-one-out items are all "
+                         f"{'true' if pairs[0][1] else 'false'} references; validity needs both "
+                         "(questions with two or more correct and two or more incorrect answers)")
     verdicts = judge.judge_truthful([it for it, _ in pairs])
     gold = np.array([g for _, g in pairs])
     pred = np.array([v.truthful for v in verdicts])

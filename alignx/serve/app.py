@@ -125,6 +125,21 @@ class AppArgs(BaseModel):
 
         return list(AXES)
 
+    def check_fallback(self) -> None:
+        """Refuse a ``threshold`` policy whose fallback axis has no expert in this app.
+
+        Raises:
+            ValueError: names ``fallback``, the served axes and the fix.
+        """
+        if self.policy != "threshold" or self.routing_model is None:
+            return
+        served = self.served_axes()
+        if self.fallback not in served:
+            raise ValueError(
+                f"fallback={self.fallback.value!r} is not a served axis "
+                f"{[x.value for x in served]}: with policy 'threshold' unsure requests go to the "
+                "fallback expert, so set fallback to one of the served axes or add its axis")
+
     def router_settings(self) -> RouterSettings:
         """Ingress settings; resolves the API key from ``auth_env``.
 
@@ -279,6 +294,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Any:
 
     Raises:
         pydantic.ValidationError: bad args (names the field).
+        ValueError: a ``threshold`` fallback axis that is not served.
         ArtifactNotFoundError: an axis has no adapter in ``run_dir``, or an enabled baseline
             has no artifact (checked before deploying).
     """
@@ -288,6 +304,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Any:
     from alignx.storage import localize
 
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    a.check_fallback()
     layout = ArtifactLayout(localize(a.run_dir, *(f"adapters/{x.value}" for x in a.served_axes())))
     for axis in a.served_axes():  # fail on the driver, not in a replica restart loop
         layout.load_adapter_manifest(axis)

@@ -133,6 +133,16 @@ def test_validate_truth_judge_hand_computed(fake_judge, data_dir):
     assert v.non_answer_refs == 1 and v.accuracy_without_non_answers == 60.0
 
 
+def test_validate_truth_judge_refuses_one_sided_references(fake_judge, tmp_path):
+    # One incorrect answer per question: no false reference has another to be judged against,
+    # so only true references remain, and no accuracy on false ones can be measured.
+    _write_jsonl(tmp_path / "truthfulqa" / "test.jsonl", [{
+        "Question": "Capital of France?", "Best Answer": "Paris", "Category": "Geo",
+        "correct_answers": ["Paris", "Paris, France"], "incorrect_answers": ["Lyon"]}])
+    with pytest.raises(ValueError, match="all true references; validity needs both"):
+        validate_truth_judge(fake_judge, tmp_path)
+
+
 def test_validate_judges_is_json_ready(fake_judge, data_dir):
     out = validate_judges(fake_judge, fake_judge, data_dir)
     assert out["honesty"]["accuracy"] == pytest.approx(66.67)

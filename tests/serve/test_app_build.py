@@ -62,3 +62,12 @@ def test_build_app_binds_one_expert_per_axis(tiny_run_dir):
 def test_build_app_fails_early_without_adapters(tmp_path):
     with pytest.raises(ArtifactNotFoundError, match="alignx train"):
         build_app({"run_dir": str(tmp_path), "model": "tiny-llama"})
+
+
+def test_threshold_fallback_must_be_a_served_axis(tmp_path):
+    args = {"run_dir": str(tmp_path), "model": "tiny-llama", "policy": "threshold",
+            "axes": ["helpfulness", "honesty"]}  # fallback defaults to harmlessness
+    with pytest.raises(ValueError, match="fallback='harmlessness' is not a served axis"):
+        build_app(args)  # refused before looking for adapters
+    AppArgs.model_validate({**args, "fallback": "honesty"}).check_fallback()
+    AppArgs.model_validate({**args, "policy": "top1"}).check_fallback()  # top1: no fallback
