@@ -158,9 +158,9 @@ def run_baselines(cfg: AlignXConfig, force: bool = False) -> None:
 
 def run_evaluate(cfg: AlignXConfig, force: bool = False) -> None:
     """[6/6] Deploy the app with every evaluated system on Serve, evaluate, write the report."""
-    from alignx.eval.run import evaluate, report_path
+    from alignx.eval.run import eval_manifest_path, evaluate, report_path
 
-    if not force and _finished(report_path(cfg), cfg.stage_hash("evaluate")):
+    if not force and _done(cfg, eval_manifest_path(cfg), "evaluate"):
         from alignx.eval.report import markdown_table
 
         log.info("[6/6] evaluation report is up to date; skipping")

@@ -29,6 +29,14 @@ def report_path(cfg: AlignXConfig) -> Path:
     return eval_dir(cfg) / "report.json"
 
 
+def eval_manifest_path(cfg: AlignXConfig) -> Path:
+    """``<run_dir>/eval/manifest.json``: written last, it marks the evaluation as finished and
+    makes ``eval/`` one artifact on shared storage (published and fetched whole)."""
+    from alignx.storage import MANIFEST
+
+    return eval_dir(cfg) / MANIFEST
+
+
 def _generation_settings(cfg: AlignXConfig) -> dict[str, Any]:
     """What an answer depends on besides the prompt and system: reuse answers only if equal."""
     d = cfg.model_dump(mode="json")
@@ -109,6 +117,7 @@ def evaluate(
     t0 = time.time()
     out_dir = eval_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    eval_manifest_path(cfg).unlink(missing_ok=True)  # eval/ reads as unfinished until the end
     ArtifactLayout(cfg.run_dir).save_config(cfg, "eval/config.yaml")
     systems = list(cfg.eval.systems)
     prompts = load_eval_prompts(cfg)
@@ -166,10 +175,25 @@ def evaluate(
                                  max_tokens=cfg.eval.max_tokens)
     report["elapsed_s"] = round(time.time() - t0, 1)
     paths = write_report(report, out_dir)
+    _finish_eval_dir(cfg, report)
     print(f"\n{markdown_table(report)}\n\nreport: {paths['json']} ({paths['markdown'].name}, "
           f"plots: {', '.join(p.name for k, p in paths.items() if p.suffix == '.png')})",
           flush=True)
     return report
+
+
+def _finish_eval_dir(cfg: AlignXConfig, report: dict[str, Any]) -> None:
+    """Write ``eval/manifest.json`` (last, atomically) and publish ``eval/`` to shared storage."""
+    from alignx.storage import MANIFEST, publish
+
+    out = eval_dir(cfg)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                   if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    write_json_atomic(eval_manifest_path(cfg), {
+        "stage": "evaluate", "config_hash": report["config_hash"], "model": report["model"],
+        "report": report_path(cfg).name, "judges": report["judges"],
+        "fake_judges": report["fake_judges"], "files": files})
+    publish(cfg, out)
 
 
 # ----------------------------------------------------------------------------- several models
