@@ -13,8 +13,10 @@ generation backend (:class:`~alignx.serve.backend.HFBackend`, the expert path), 
 * ``cpu_ms_p50`` / ``cpu_ms_per_token``: the CPU time the process spent per request
   (``time.process_time``), which other jobs on a shared machine inflate far less than wall
   time (with one thread it is the request's compute);
-* ``peak_rss_mib``: the process's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``),
-  which includes what every process pays to import torch/transformers, and
+* ``peak_rss_mib``: the process's peak resident set (``VmHWM`` of ``/proc/self/status``),
+  which includes what every process pays to import torch/transformers. Not
+  ``getrusage().ru_maxrss``: Linux carries that over ``execve`` from the process that forked
+  the worker, so a worker started by a 3 GiB driver reported 3 GiB for every system. And
   ``rss_mib``: the resident set after the requests;
 * ``weights_mib``: bytes of the distinct tensors the system holds (base, adapters, gates; for
   the routed systems also the sentence encoder and the router's arrays).
@@ -178,6 +180,18 @@ def _current_rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mib() -> float:
+    """This process's own peak resident set (``VmHWM``), which ``execve`` resets.
+
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: Linux keeps it across ``execve``, so a
+    fresh worker would report its parent's (forked) resident set whenever that was larger.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs (not Linux)
+
+
 def measure_in_process(name: str, run_dir: str | Path, model_cfg: dict[str, Any],
                        prompts: list[list[dict[str, str]]], max_tokens: int,
                        threads: int = 1) -> dict[str, Any]:
@@ -211,7 +225,7 @@ def measure_in_process(name: str, run_dir: str | Path, model_cfg: dict[str, Any]
         cpu.append((time.process_time() - c) * 1000)
         toks.append(out.completion_tokens)
     return {"latencies_ms": lat, "cpu_ms": cpu, "completion_tokens": toks, "load_s": load_s,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": _peak_rss_mib(),
             "rss_mib": _current_rss_mib(), "weights_mib": system.weights_bytes() / 2**20}
 
 
@@ -354,7 +368,7 @@ def measure_costs(
         f"Each system in its own fresh process, {len(prompts)} test prompts (round-robin over "
         f"the axes) x {rounds} round(s), one request at a time, greedy, max_tokens={max_tokens}, "
         f"{threads} torch thread(s), on {mcfg.get('name')}; latency = wall time per request "
-        "including routing (after one warm-up request); peak RSS = getrusage ru_maxrss of the "
+        "including routing (after one warm-up request); peak RSS = VmHWM of the worker "
         "process (imports included); weights = distinct tensor bytes. AlignX = router + one "
         "base with its three adapters (PEFT multi-adapter), the per-node memory of the Serve "
         "deployment whose expert replicas share the base weights.")

@@ -157,6 +157,24 @@ def test_cost_summary_and_claim_check():
     assert "alignx" in text and "h3fusion" in text and text.endswith("c")
 
 
+def test_worker_peak_rss_is_its_own_not_its_parents():
+    """A cost worker forked from a big driver reports its own peak, not the driver's (Linux
+    carries ``ru_maxrss`` over ``execve``; the evaluation reported 3,262 MiB for every system)."""
+    import subprocess
+
+    from alignx.baselines.cost import _peak_rss_mib
+
+    ballast = bytearray(600 * 2**20)  # touch 600 MiB in this (the parent) process
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    assert _peak_rss_mib() > 600
+    code = "from alignx.baselines.cost import _peak_rss_mib; print(_peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout)
+    del ballast
+    assert 5 < child < 400, child  # python + numpy + the module, not the parent's 600 MiB
+
+
 def test_cost_rejects_unknown_systems(tmp_path):
     from alignx.baselines.cost import measure_costs
 
