@@ -10,8 +10,12 @@ generated answers come from the same model.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -91,12 +95,51 @@ def _targets(meta: dict[str, Any], key: str) -> tuple[list[str], list[int]] | No
     return choices, [int(t[c]) for c in choices]
 
 
+class MCCache:
+    """Append-only JSON Lines of per-question MC results, keyed by a content hash of the
+    scoring model's name, what it was made from (``settings``), the question and its choices.
+
+    A rerun (a changed judge, an interrupted evaluation) rescores only what is missing; a torn
+    last line is ignored.
+    """
+
+    def __init__(self, path: str | Path, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._rows: dict[str, tuple[float, float]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    r = json.loads(line)
+                    self._rows[r["key"]] = (float(r["mc1"]), float(r["mc2"]))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # a torn write
+
+    def key(self, scorer: str, q: EvalPrompt) -> str:
+        blob = json.dumps({"scorer": scorer, "settings": self.settings, "question": q.text,
+                           "mc1": q.meta.get("mc1_targets"), "mc2": q.meta.get("mc2_targets")},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get(self, key: str) -> tuple[float, float] | None:
+        return self._rows.get(key)
+
+    def add(self, key: str, mc1: float, mc2: float) -> None:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "mc1": mc1, "mc2": mc2}) + "\n")
+            self._rows[key] = (mc1, mc2)
+
+
 def mc_scores(
     systems: Sequence[str],
     questions: Sequence[EvalPrompt],
     gens: dict[str, dict[str, Generation]],
     loader: ScorerLoader,
     progress: bool = True,
+    cache: MCCache | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """MC1 hits and MC2 masses per question for each system.
 
@@ -108,6 +151,8 @@ def mc_scores(
         gens: the generations (for routed systems' per-question expert).
         loader: loads a scoring model by name (see :data:`ScorerLoader`).
         progress: progress bar per scoring model.
+        cache: per-question results kept across runs (a scoring model is loaded only when
+            one of its questions is not cached).
 
     Returns:
         ``{system: {"mc1": [...], "mc2": [...], "uids": [...]}}``.
@@ -131,20 +176,33 @@ def mc_scores(
             needed.setdefault(scorer, set()).add(uid)
     results: dict[str, dict[str, tuple[float, float]]] = {}
     for scorer, uids in needed.items():
-        model, tok, system_text = loader(scorer)
-        model.eval()
         res: dict[str, tuple[float, float]] = {}
-        for q in tqdm([q for q in qs if q.uid in uids], desc=f"MC {scorer}", unit="q",
-                      disable=not progress, dynamic_ncols=True):
-            c1, y1 = _targets(q.meta, "mc1_targets")  # type: ignore[misc]
-            c2, y2 = _targets(q.meta, "mc2_targets")  # type: ignore[misc]
-            union = list(dict.fromkeys(c1 + c2))  # MC2 repeats MC1's choices: score once
-            ll = dict(zip(union, choice_logliks(model, tok, system_text, q.text, union),
-                          strict=True))
-            res[q.uid] = (mc_from_logliks([ll[c] for c in c1], y1)[0],
-                          mc_from_logliks([ll[c] for c in c2], y2)[1])
+        todo = []
+        for q in qs:
+            if q.uid in uids:
+                hit = cache.get(cache.key(scorer, q)) if cache is not None else None
+                if hit is not None:
+                    res[q.uid] = hit
+                else:
+                    todo.append(q)
+        if todo:
+            model, tok, system_text = loader(scorer)
+            model.eval()
+            for q in tqdm(todo, desc=f"MC {scorer}", unit="q", disable=not progress,
+                          dynamic_ncols=True):
+                c1, y1 = _targets(q.meta, "mc1_targets")  # type: ignore[misc]
+                c2, y2 = _targets(q.meta, "mc2_targets")  # type: ignore[misc]
+                union = list(dict.fromkeys(c1 + c2))  # MC2 repeats MC1's choices: score once
+                ll = dict(zip(union, choice_logliks(model, tok, system_text, q.text, union),
+                              strict=True))
+                res[q.uid] = (mc_from_logliks([ll[c] for c in c1], y1)[0],
+                              mc_from_logliks([ll[c] for c in c2], y2)[1])
+                if cache is not None:
+                    cache.add(cache.key(scorer, q), *res[q.uid])
+            del model
+        elif progress:
+            log.info("MC %s: all %d questions cached", scorer, len(res))
         results[scorer] = res
-        del model
     out: dict[str, dict[str, list[float]]] = {}
     for system, per_q in plan.items():
         uids = [q.uid for q in qs]

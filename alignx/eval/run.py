@@ -147,10 +147,13 @@ def evaluate(
             undeploy(deployed)
     mc = None
     if cfg.eval.mc and Axis.HONESTY in prompts:
-        from alignx.eval.mc import mc_scores
+        from alignx.eval.mc import MCCache, mc_scores
 
         qs = prompts[Axis.HONESTY][: cfg.eval.mc_questions or None]
-        mc = mc_scores(systems, qs, gens, scorer_loader or default_scorer_loader(cfg), progress)
+        settings = {k: v for k, v in _generation_settings(cfg).items()
+                    if k not in ("max_tokens", "temperature", "calibrate")}  # the scorers' inputs
+        mc = mc_scores(systems, qs, gens, scorer_loader or default_scorer_loader(cfg), progress,
+                       cache=MCCache(out_dir / "mc_cache.jsonl", settings))
     rows = score_systems(cfg, judges, prompts, gens, mc)
     judge_ids = judges.ids()
     report: dict[str, Any] = {

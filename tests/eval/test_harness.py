@@ -288,6 +288,44 @@ def test_routed_systems_score_each_question_with_the_expert_they_routed_to():
     assert out["alignx"]["mc1"] == [1.0, 1.0] and out["base"]["mc1"] == [0.0, 0.0]
 
 
+def test_mc_cache_rescores_only_what_is_missing(tmp_path):
+    import alignx.eval.mc as mcmod
+    from alignx.eval.mc import MCCache, mc_scores
+
+    def q(i):
+        return EvalPrompt(f"t{i}", Axis.HONESTY, ({"role": "user", "content": f"q{i}"},), "r",
+                          {"mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 0}})
+
+    class M:
+        def eval(self):
+            return self
+
+    loaded, scored = [], []
+
+    def loader(name):
+        loaded.append(name)
+        return M(), None, None
+
+    def fake_ll(m, t, s, question, cs, **k):
+        scored.append(question)
+        return [0.0, -1.0][: len(cs)]
+
+    orig, mcmod.choice_logliks = mcmod.choice_logliks, fake_ll
+    try:
+        path = tmp_path / "mc_cache.jsonl"
+        first = mc_scores(["base"], [q(0), q(1)], {}, loader, False, MCCache(path, {"train": "x"}))
+        with open(path, "a") as f:
+            f.write('{"key": "torn')  # an interrupted write
+        again = mc_scores(["base"], [q(0), q(1)], {}, loader, False, MCCache(path, {"train": "x"}))
+        assert again == first and loaded == ["base"] and scored == ["q0", "q1"]  # all cached
+        mc_scores(["base"], [q(0), q(1), q(2)], {}, loader, False, MCCache(path, {"train": "x"}))
+        assert scored == ["q0", "q1", "q2"]  # only the new question
+        mc_scores(["base"], [q(0)], {}, loader, False, MCCache(path, {"train": "retrained"}))
+        assert scored[-1] == "q0" and len(loaded) == 3  # new adapters: scored again
+    finally:
+        mcmod.choice_logliks = orig
+
+
 # ----------------------------------------------------------------------------- report
 
 
