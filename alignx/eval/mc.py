@@ -10,10 +10,7 @@ generated answers come from the same model.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,41 +93,30 @@ def _targets(meta: dict[str, Any], key: str) -> tuple[list[str], list[int]] | No
 
 
 class MCCache:
-    """Append-only JSON Lines of per-question MC results, keyed by a content hash of the
-    scoring model's name, what it was made from (``settings``), the question and its choices.
+    """Per-question MC results kept across runs, in a :class:`~alignx.eval.judges.JudgeCache`
+    (content-hash keys, JSON Lines, torn-tail safe): the key hashes the scoring model's name,
+    what it was made from (``settings``), the question and its targets.
 
-    A rerun (a changed judge, an interrupted evaluation) rescores only what is missing; a torn
-    last line is ignored.
+    A rerun (a changed judge, an interrupted evaluation) rescores only what is missing.
     """
 
     def __init__(self, path: str | Path, settings: dict[str, Any]):
-        self.path = Path(path)
+        from alignx.eval.judges import JudgeCache
+
+        self.store = JudgeCache(path)
         self.settings = settings
-        self._lock = threading.Lock()
-        self._rows: dict[str, tuple[float, float]] = {}
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    r = json.loads(line)
-                    self._rows[r["key"]] = (float(r["mc1"]), float(r["mc2"]))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    continue  # a torn write
 
     def key(self, scorer: str, q: EvalPrompt) -> str:
-        blob = json.dumps({"scorer": scorer, "settings": self.settings, "question": q.text,
-                           "mc1": q.meta.get("mc1_targets"), "mc2": q.meta.get("mc2_targets")},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return self.store.key(f"mc:{scorer}", "mc1_mc2", {
+            "settings": self.settings, "question": q.text,
+            "mc1": q.meta.get("mc1_targets"), "mc2": q.meta.get("mc2_targets")})
 
     def get(self, key: str) -> tuple[float, float] | None:
-        return self._rows.get(key)
+        hit = self.store.get(key)
+        return None if hit is None else (float(hit[0]), float(hit[1]))
 
     def add(self, key: str, mc1: float, mc2: float) -> None:
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "mc1": mc1, "mc2": mc2}) + "\n")
-            self._rows[key] = (mc1, mc2)
+        self.store.put_many({key: [mc1, mc2]})
 
 
 def mc_scores(

@@ -320,6 +320,8 @@ def test_mc_cache_rescores_only_what_is_missing(tmp_path):
         assert again == first and loaded == ["base"] and scored == ["q0", "q1"]  # all cached
         mc_scores(["base"], [q(0), q(1), q(2)], {}, loader, False, MCCache(path, {"train": "x"}))
         assert scored == ["q0", "q1", "q2"]  # only the new question
+        mc_scores(["base"], [q(2)], {}, loader, False, MCCache(path, {"train": "x"}))
+        assert scored == ["q0", "q1", "q2"]  # written after the torn line, and read back
         mc_scores(["base"], [q(0)], {}, loader, False, MCCache(path, {"train": "retrained"}))
         assert scored[-1] == "q0" and len(loaded) == 3  # new adapters: scored again
     finally:
