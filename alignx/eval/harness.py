@@ -301,9 +301,13 @@ def generate_all(
         return _to_generation(key, system, p, resp)
 
     # All systems at once: their deployments are separate replicas, so they generate in
-    # parallel; `concurrency` requests in flight per system keeps each one's batches full.
-    with ThreadPoolExecutor(max_workers=concurrency * len(systems)) as pool:
-        futs = {pool.submit(one, *t): t for t in todo}
+    # parallel. One pool per system keeps exactly `concurrency` requests in flight on each (a
+    # shared pool would take the tasks in list order: one system at a time, the other
+    # replicas idle).
+    pools = {s: ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"gen-{s}")
+             for s in systems}
+    try:
+        futs = {pools[t[0]].submit(one, *t): t for t in todo}
         for fut in as_completed(futs):
             system, key, p = futs[fut]
             try:
@@ -315,6 +319,9 @@ def generate_all(
             if not g.error:
                 out[system][p.uid] = g
             bar.update(1)
+    finally:
+        for pool in pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed (answers so far are saved; rerun to "

@@ -111,6 +111,42 @@ def _prompts():
                                       ({"role": "user", "content": "is it so?"},), "yes")]}
 
 
+class _CountingClient:
+    """Records how many requests each system has in flight (each request takes 20 ms)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.peak_systems = 0
+
+    def chat(self, model, messages, max_tokens, temperature):
+        import time
+
+        with self.lock:
+            self.now[model] = self.now.get(model, 0) + 1
+            self.peak[model] = max(self.peak.get(model, 0), self.now[model])
+            self.peak_systems = max(self.peak_systems, sum(1 for v in self.now.values() if v))
+        time.sleep(0.02)
+        with self.lock:
+            self.now[model] -= 1
+        return {"choices": [{"message": {"content": "ok"}}], "usage": {"completion_tokens": 1},
+                "latency_ms": 20.0}
+
+
+def test_every_system_has_exactly_concurrency_requests_in_flight_at_once(tmp_path):
+    client = _CountingClient()
+    prompts = {Axis.HELPFULNESS: [EvalPrompt(f"h{i}", Axis.HELPFULNESS,
+                                             ({"role": "user", "content": f"w{i}"},), "r")
+                                  for i in range(12)]}
+    systems = ["alignx", "base", "multitask"]
+    gens = generate_all(client, GenerationStore(tmp_path / "g.jsonl"), systems, prompts,
+                        {"max_tokens": 4, "temperature": 0.0}, 3, progress=False)
+    assert all(len(gens[s]) == 12 for s in systems)
+    assert client.peak == {s: 3 for s in systems}  # never more than `concurrency` per system
+    assert client.peak_systems == 3  # and all systems' replicas busy at the same time
+
+
 def test_generation_resumes_after_failures_and_only_asks_what_is_missing(app_url, tmp_path):
     client = ServeClient(app_url, retries=0)
     assert client.models() == ["alignx", "base"]
