@@ -367,7 +367,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_gpu = tc.scaling.use_gpu
 
     # --- 2. threads: one worker's share of the node's cores ------------------------------------
-    threads = tc.threads_per_worker or max(1, int(tc.scaling.cpus_per_worker))
+    threads = tc.threads_per_worker or max(
+        1, int(config.get("cpus_per_worker") or tc.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
 
     # --- 3. model + LoRA: frozen base, trainable adapter with a seeded init -------------------

@@ -58,7 +58,7 @@ from alignx.train.loop import ADAPTER_SUBDIR, TRAIN_STATE, TrainState, plan_step
 
 if TYPE_CHECKING:
     from alignx.artifacts import DataManifest
-    from alignx.config import AlignXConfig, ScalingCfg
+    from alignx.config import AlignXConfig, ScalingCfg, TrainCfg
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def fit_adapter(
     *,
     budget: int | None = None,
     hooks: dict[str, Any] | None = None,
+    cpus_per_worker: float | None = None,
 ) -> AdapterManifest:
     """Train one LoRA adapter with Ray Train + DeepSpeed and publish it.
 
@@ -163,6 +164,9 @@ def fit_adapter(
         axes: axes whose training data the adapter learns from (one, or all for multi-task).
         budget: exact optimizer step count (multi-task); ``None`` follows ``train.optim``.
         hooks: test hooks passed to the loop (see :func:`alignx.train.loop.train_loop_per_worker`).
+        cpus_per_worker: CPUs (and torch threads) per worker instead of
+            ``train.scaling.cpus_per_worker`` (:func:`wave_cpus_per_worker`); not part of the
+            config, so the adapter's train hash does not change.
 
     Returns:
         The manifest written to ``<run_dir>/adapters/<name>/manifest.json``.
@@ -184,7 +188,8 @@ def fit_adapter(
     data: dict[Axis, DataManifest] = {a: layout.load_data_manifest(a) for a in axes}
     storage_path, storage_fs = ray_train_location(cfg)
     sc = cfg.train.scaling
-    resources = {"CPU": sc.cpus_per_worker} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
+    cpus = cpus_per_worker or sc.cpus_per_worker
+    resources = {"CPU": cpus} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -193,6 +198,7 @@ def fit_adapter(
             "name": name,
             "axes": [a.value for a in axes],
             "budget": budget,
+            "cpus_per_worker": cpus,
             "hooks": dict(hooks or {}),
         },
         scaling_config=ray.train.ScalingConfig(
@@ -273,7 +279,8 @@ def fit_adapter(
 
 
 def train_axis(
-    cfg: AlignXConfig, axis: Axis, *, hooks: dict[str, Any] | None = None
+    cfg: AlignXConfig, axis: Axis, *, hooks: dict[str, Any] | None = None,
+    cpus_per_worker: float | None = None,
 ) -> AdapterManifest:
     """Train the LoRA expert of one axis (see :func:`fit_adapter`).
 
@@ -285,7 +292,7 @@ def train_axis(
     Returns:
         The adapter's manifest.
     """
-    return fit_adapter(cfg, axis.value, [axis], hooks=hooks)
+    return fit_adapter(cfg, axis.value, [axis], hooks=hooks, cpus_per_worker=cpus_per_worker)
 
 
 def multitask_step_budget(cfg: AlignXConfig) -> int:
@@ -307,7 +314,8 @@ def multitask_step_budget(cfg: AlignXConfig) -> int:
     return total
 
 
-def train_multitask(cfg: AlignXConfig, *, hooks: dict[str, Any] | None = None) -> AdapterManifest:
+def train_multitask(cfg: AlignXConfig, *, hooks: dict[str, Any] | None = None,
+                    cpus_per_worker: float | None = None) -> AdapterManifest:
     """Train the single-adapter multi-task baseline on the union of ``cfg.axes``' data.
 
     It trains for :func:`multitask_step_budget` steps, as many as the experts together, so it
@@ -322,7 +330,8 @@ def train_multitask(cfg: AlignXConfig, *, hooks: dict[str, Any] | None = None) -
         The manifest of ``<run_dir>/adapters/multitask/``.
     """
     return fit_adapter(
-        cfg, MULTITASK, list(cfg.axes), budget=multitask_step_budget(cfg), hooks=hooks
+        cfg, MULTITASK, list(cfg.axes), budget=multitask_step_budget(cfg), hooks=hooks,
+        cpus_per_worker=cpus_per_worker,
     )
 
 
@@ -366,8 +375,14 @@ def train_all(
     out: dict[str, AdapterManifest] = {}
     failed: dict[str, BaseException] = {}
     for wave in waves:
+        cpus = wave_cpus_per_worker(cfg.train, len(wave), *_free_cpus())
+        if cpus != cfg.train.scaling.cpus_per_worker:
+            log.info("%s: %g CPUs (torch threads) per worker instead of %g: the cluster's "
+                     "other CPUs would idle", "+".join(wave), cpus,
+                     cfg.train.scaling.cpus_per_worker)
         with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="alignx-train") as pool:
-            futures = {n: pool.submit(jobs[n][0], *jobs[n][1], hooks=hooks) for n in wave}
+            futures = {n: pool.submit(jobs[n][0], *jobs[n][1], hooks=hooks, cpus_per_worker=cpus)
+                       for n in wave}
             for n, fut in futures.items():
                 try:
                     out[n] = fut.result()
@@ -385,6 +400,47 @@ def _cluster_capacity() -> dict[str, float]:
 
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
+
+
+def wave_cpus_per_worker(tc: TrainCfg, n_trainers: int, free_cpus: float,
+                         node_cpus: float) -> float:
+    """CPUs per worker for a wave of ``n_trainers`` concurrent trainers (pure; unit-tested).
+
+    ``train.scaling.cpus_per_worker`` is sized for the widest wave (three experts on a laptop).
+    A narrower wave (the multi-task baseline alone after them) would leave CPUs idle, since a
+    worker runs as many torch threads as it has whole CPUs; it gets an equal share of the
+    cluster's free CPUs instead, in whole CPUs and at most one node's. Not on GPU workers, and
+    not when ``train.threads_per_worker`` pins the threads.
+
+    Args:
+        tc: the training config.
+        n_trainers: trainers in the wave.
+        free_cpus: CPUs free in the cluster now.
+        node_cpus: CPUs of the largest node (one worker cannot span nodes).
+    """
+    sc = tc.scaling
+    if sc.use_gpu or tc.threads_per_worker is not None:
+        return sc.cpus_per_worker
+    share = min(int(free_cpus // (n_trainers * sc.num_workers) + 1e-9), int(node_cpus + 1e-9))
+    return float(share) if share > sc.cpus_per_worker else sc.cpus_per_worker
+
+
+def _free_cpus(settle_s: float = 5.0) -> tuple[float, float]:
+    """(CPUs free in the cluster, CPUs of its largest alive node).
+
+    The previous wave's workers release their CPUs shortly after ``fit()`` returns, so this
+    waits up to ``settle_s`` for the free count to reach the cluster's total.
+    """
+    import ray
+
+    deadline = time.monotonic() + settle_s
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    while (free := float(ray.available_resources().get("CPU", 0.0))) < total and (
+            time.monotonic() < deadline):
+        time.sleep(0.5)
+    node = max((float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes()
+                if n.get("Alive")), default=0.0)
+    return free, node
 
 
 def plan_waves(
