@@ -7,7 +7,8 @@ deployment. Per request:
 1. validate the body (:mod:`alignx.serve.schemas`; bad input is a 4xx with an OpenAI error
    body, never a 500);
 2. features h(x) = ``encoder.encode([router_text(messages, context_turns)])`` — the *same*
-   functions as calibration (train/serve parity);
+   functions as calibration (train/serve parity); concurrent requests share one ``encode``
+   call (:class:`CoalescingEncoder`);
 3. calibrated weights from the :class:`RoutingModel`, then the dispatch policy
    (:func:`choose_axis`: ``top1`` or ``threshold`` with a fallback axis);
 4. the chosen expert's handle (anything with ``.generate.remote(...)``; fakes in tests)
@@ -244,6 +245,61 @@ def _msg(err: BaseException) -> str:
     return str(cause) if cause is not None else str(err)
 
 
+class CoalescingEncoder:
+    """Encode concurrent routing requests together: one ``encode`` call per batch of texts.
+
+    A request that finds the encoder idle is encoded at once (no added latency at
+    concurrency 1); the requests that arrive while an encode runs are encoded together in the
+    next call. Encoding them one by one serialized them in the router, so under load they
+    reached the experts staggered by the encode time and missed each other's batches
+    (BENCHMARKS.md, serving). The encode runs in a worker thread, off the event loop.
+
+    Args:
+        encode: ``texts -> (n, d)`` features (the calibration feature function).
+        max_batch: texts per ``encode`` call.
+    """
+
+    def __init__(self, encode: Any, max_batch: int = 32):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._encode = encode
+        self.max_batch = max_batch
+        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._draining = False
+        self.calls = 0  # encode calls made (tests, metrics)
+
+    async def encode(self, text: str) -> np.ndarray:
+        """Features of one text, ``(1, d)``; raises what the encoder raised for its batch."""
+        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending.append((text, fut))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                self.calls += 1
+                try:
+                    feats = await asyncio.to_thread(self._encode, [t for t, _ in batch])
+                    if len(feats) != len(batch):
+                        raise RuntimeError(f"encoder returned {len(feats)} rows for "
+                                           f"{len(batch)} texts")
+                except Exception as e:  # noqa: BLE001 - handed to every waiter of this batch
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                    continue
+                for i, (_, f) in enumerate(batch):
+                    if not f.done():  # a cancelled request (client went away) is skipped
+                        f.set_result(feats[i : i + 1])
+        finally:
+            self._draining = False
+
+
 class AlignXRouter:
     """The ingress logic: validate, route, dispatch, build OpenAI responses.
 
@@ -288,6 +344,7 @@ class AlignXRouter:
         self.axes = list(self.experts)
         self.routing_model = routing_model
         self.encoder = encoder
+        self._batcher = CoalescingEncoder(encoder.encode) if encoder is not None else None
         self.settings = settings or RouterSettings()
         self.tokenizer = tokenizer
         self.metrics = metrics or NullMetrics()
@@ -374,8 +431,9 @@ class AlignXRouter:
             text = router_text(messages, self.settings.context_turns)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        # The encoder is CPU-bound: run it off the event loop.
-        feats = await asyncio.to_thread(self.encoder.encode, [text])  # (1, d)
+        # CPU-bound: off the event loop, concurrent requests encoded in one call.
+        assert self._batcher is not None
+        feats = await self._batcher.encode(text)  # (1, d)
         rm = self.routing_model
         info = (rm.route(feats) if calibrated else rm.route_softmax(feats))[0]  # type: ignore[attr-defined]
         s = self.settings
