@@ -266,7 +266,6 @@ class CoalescingEncoder:
         self.max_batch = max_batch
         self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
         self._draining = False
-        self.calls = 0  # encode calls made (tests, metrics)
 
     async def encode(self, text: str) -> np.ndarray:
         """Features of one text, ``(1, d)``; raises what the encoder raised for its batch."""
@@ -282,7 +281,6 @@ class CoalescingEncoder:
             while self._pending:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
-                self.calls += 1
                 try:
                     feats = await asyncio.to_thread(self._encode, [t for t, _ in batch])
                     if len(feats) != len(batch):

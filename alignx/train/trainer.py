@@ -374,8 +374,8 @@ def train_all(
                  " then ".join("+".join(w) for w in waves))
     out: dict[str, AdapterManifest] = {}
     failed: dict[str, BaseException] = {}
-    for wave in waves:
-        cpus = wave_cpus_per_worker(cfg.train, len(wave), *_free_cpus())
+    for i, wave in enumerate(waves):  # after a wave, wait briefly for its CPUs to come back
+        cpus = wave_cpus_per_worker(cfg.train, len(wave), *_free_cpus(5.0 if i else 0.0))
         if cpus != cfg.train.scaling.cpus_per_worker:
             log.info("%s: %g CPUs (torch threads) per worker instead of %g: the cluster's "
                      "other CPUs would idle", "+".join(wave), cpus,
