@@ -368,14 +368,16 @@ def train_all(
         jobs[MULTITASK] = (train_multitask, (cfg,))
     if not jobs:
         return {}
-    waves = plan_waves(list(jobs), cfg.train.scaling, _cluster_capacity())
+    capacity = _cluster_capacity()
+    waves = plan_waves(list(jobs), cfg.train.scaling, capacity)
     if len(waves) > 1:
         log.info("the cluster cannot hold all %d trainers at once; running %s", len(jobs),
                  " then ".join("+".join(w) for w in waves))
     out: dict[str, AdapterManifest] = {}
     failed: dict[str, BaseException] = {}
     for i, wave in enumerate(waves):  # after a wave, wait briefly for its CPUs to come back
-        cpus = wave_cpus_per_worker(cfg.train, len(wave), *_free_cpus(5.0 if i else 0.0))
+        free = _free_cpus(capacity["CPU"], settle_s=5.0 if i else 0.0)
+        cpus = wave_cpus_per_worker(cfg.train, len(wave), *free)
         if cpus != cfg.train.scaling.cpus_per_worker:
             log.info("%s: %g CPUs (torch threads) per worker instead of %g: the cluster's "
                      "other CPUs would idle", "+".join(wave), cpus,
@@ -425,16 +427,15 @@ def wave_cpus_per_worker(tc: TrainCfg, n_trainers: int, free_cpus: float,
     return float(share) if share > sc.cpus_per_worker else sc.cpus_per_worker
 
 
-def _free_cpus(settle_s: float = 5.0) -> tuple[float, float]:
+def _free_cpus(total: float, settle_s: float) -> tuple[float, float]:
     """(CPUs free in the cluster, CPUs of its largest alive node).
 
     The previous wave's workers release their CPUs shortly after ``fit()`` returns, so this
-    waits up to ``settle_s`` for the free count to reach the cluster's total.
+    waits up to ``settle_s`` for the free count to reach the cluster's ``total``.
     """
     import ray
 
     deadline = time.monotonic() + settle_s
-    total = float(ray.cluster_resources().get("CPU", 0.0))
     while (free := float(ray.available_resources().get("CPU", 0.0))) < total and (
             time.monotonic() < deadline):
         time.sleep(0.5)
