@@ -21,8 +21,10 @@ the experts swap adapters in place without dropping in-flight requests.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from alignx.axes import Axis
 from alignx.baselines.systems import SYSTEM_PREFIX
 from alignx.serve.expert import AxisExpert, SystemGenerator
+from alignx.serve.lean import UNUSED_IN_EXPERTS, lean_actor_options
 from alignx.serve.router import AlignXRouter, RouterSettings, build_router_api, load_routing_model
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,9 @@ class AppArgs(BaseModel):
     share_base_weights: bool = Field(
         True, description="Replicas on a node share one object-store copy of the base weights.")
     torch_threads: int | None = Field(1, ge=1, description="torch threads per replica.")
+    lean_imports: bool = Field(
+        True, description="Expert replicas skip libraries they never use (pandas, scipy, "
+                          "boto3): ~60 MiB less per replica (alignx.serve.lean).")
     expert_options: dict[str, Any] = Field(
         default_factory=dict, description="Serve deployment options for every expert.")
     router_options: dict[str, Any] = Field(
@@ -170,10 +176,12 @@ def _merge(defaults: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def deployment_options(args: AppArgs) -> dict[str, dict[str, Any]]:
     """Resolved Serve options per deployment name (pure; unit-tested without Ray)."""
-    opts = {f"expert-{a.value}": _merge(DEFAULT_EXPERT_OPTIONS, args.expert_options)
-            for a in args.served_axes()}
+    expert = _merge(DEFAULT_EXPERT_OPTIONS, args.expert_options)
+    if args.lean_imports:
+        expert["ray_actor_options"] = lean_actor_options(expert["ray_actor_options"])
+    opts = {f"expert-{a.value}": copy.deepcopy(expert) for a in args.served_axes()}
     for name in args.baselines:
-        opts[f"{SYSTEM_PREFIX}{name}"] = _merge(DEFAULT_EXPERT_OPTIONS, args.expert_options)
+        opts[f"{SYSTEM_PREFIX}{name}"] = copy.deepcopy(expert)
     opts[ROUTER_NAME] = _merge(DEFAULT_ROUTER_OPTIONS, args.router_options)
     return opts
 
@@ -198,6 +206,11 @@ def _serve_classes() -> tuple[type, type, type]:
 
         def __init__(self, target: str, args: dict[str, Any]):
             a = AppArgs.model_validate(args)
+            loaded = [n for n in UNUSED_IN_EXPERTS if sys.modules.get(n) is not None]
+            if a.lean_imports and loaded:
+                log.warning("lean_imports is on but %s are loaded in this replica: its "
+                            "ray_actor_options replaced the worker setup hook (see the "
+                            "deployments of serve_config.yaml)", loaded)
             loader = None
             if a.share_base_weights:
                 from alignx.config import ModelCfg
