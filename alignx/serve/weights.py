@@ -1,11 +1,16 @@
 """Serving: one copy of the frozen base weights per node, shared by every expert replica.
 
 Three expert deployments that each load the base model hold three copies of the same frozen
-weights. Instead, a detached actor per (node, model) loads the base once and puts its
-parameters and buffers into Ray's object store as numpy arrays; each replica on that node
-``ray.get``\\ s them zero-copy (read-only views of the node's shared memory) and builds its
-model on the ``meta`` device with those arrays as parameters, so only the small LoRA adapter
-is private. The weights are frozen and never written, which is what makes read-only views safe.
+weights. Instead, a detached actor per (node, model) owns one object-store copy of the base's
+parameters and buffers as numpy arrays; each replica on that node ``ray.get``\\ s them
+zero-copy (read-only views of the node's shared memory) and builds its model on the ``meta``
+device with those arrays as parameters, so only the small LoRA adapter is private. The weights
+are frozen and never written, which is what makes read-only views safe.
+
+The store actor itself stays small: a one-shot task (:func:`load_base_arrays`, its own worker
+process, which exits afterwards) loads the model with torch and returns the arrays, and the
+actor keeps the reference. A task's return value is owned by its caller, so the arrays live as
+long as the actor; the actor never imports torch or transformers and never maps the weights.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from alignx.config import ModelCfg
@@ -59,8 +64,29 @@ def release_heap(collect: bool = True) -> None:
         pass
 
 
+def load_base_arrays(model_cfg: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    """Load the base model and return its weights as numpy arrays (run as a one-shot task).
+
+    Args:
+        model_cfg: the ``model`` section as a dict.
+
+    Returns:
+        ``(arrays, nbytes)``: :func:`_arrays` of the model and their total size.
+    """
+    from alignx.config import ModelCfg
+    from alignx.modeling import load_base
+
+    model, _ = load_base(ModelCfg(**model_cfg), use_gpu=False)
+    arrays = _arrays(model)
+    return arrays, int(sum(a.nbytes for a in arrays.values()))
+
+
 class BaseWeightsStore:
-    """Holds the object-store reference of one base model's weights (a detached Ray actor).
+    """Owns the object-store copy of one base model's weights (a detached Ray actor).
+
+    The weights are loaded by a one-shot task on this node (:func:`load_base_arrays`, in a
+    worker process that exits when it is done); its return value is owned by this actor, so
+    it lives as long as the actor does. The actor imports neither torch nor transformers.
 
     Args:
         model_cfg: the ``model`` section as a dict.
@@ -68,16 +94,14 @@ class BaseWeightsStore:
 
     def __init__(self, model_cfg: dict[str, Any]):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from alignx.config import ModelCfg
-        from alignx.modeling import load_base
-
-        model, _ = load_base(ModelCfg(**model_cfg), use_gpu=False)
-        arrays = _arrays(model)
-        self.nbytes = int(sum(a.nbytes for a in arrays.values()))
-        self.ref = ray.put(arrays)  # owned by this actor: lives as long as the actor
-        del model, arrays  # the object store holds the only copy now
-        release_heap()
+        node = ray.get_runtime_context().get_node_id()
+        load = ray.remote(num_returns=2, max_calls=1, num_cpus=0, max_retries=1)(
+            load_base_arrays).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        self.ref, nbytes = load.remote(model_cfg)
+        self.nbytes = int(ray.get(nbytes))
         log.info("base weights of %s in the object store (%.1f MB)", model_cfg["name"],
                  self.nbytes / 2**20)
 
@@ -137,6 +161,7 @@ def build_on_arrays(model_cfg: ModelCfg, arrays: dict[str, np.ndarray]) -> PreTr
     Raises:
         RuntimeError: a parameter or buffer was left on ``meta`` (architecture mismatch).
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from alignx.modeling import resolve_dtype, resolve_model_dir
