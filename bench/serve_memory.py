@@ -10,8 +10,9 @@ Deploys the AlignX app on a local Ray node three times and reads the proportiona
 PSS splits each shared page between the processes mapping it, so it is the right measure of
 what each replica costs on the node. It is reported split into anonymous memory (the
 process's own heap: Python, torch, transformers, tokenizer, activations), shared memory (the
-object-store weights) and file pages (libraries; a private copy's safetensors mmap). The store
-actor also maps the shared weights; its PSS is reported separately ("+store").
+object-store weights) and file pages (libraries; a private copy's safetensors mmap). The
+weight-store actor (it owns the object-store copy but neither maps it nor imports torch) is
+reported separately: "+store" is the ratio with its PSS added.
 
     python bench/serve_memory.py --model smollm2-135m          # ~4 min on 2 cores
     python bench/serve_memory.py --run-dir runs/smollm2 --address 127.0.0.1:6420 --port 8330
