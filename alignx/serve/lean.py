@@ -1,7 +1,7 @@
 """Lean expert replicas: keep libraries the generation path never uses out of the process.
 
 Every expert replica is a process of its own, so whatever it imports is paid once per replica
-on the node. Two large libraries arrive only as *optional* imports of code an expert never
+on the node. Three large libraries arrive only as *optional* imports of code an expert never
 runs:
 
 * ``pandas`` (~33 MiB of heap): ``ray.serve`` registers a JSON encoder for DataFrames if it
@@ -12,9 +12,10 @@ runs:
   helpers when ``is_boto3_available()``. AlignX reads remote run directories with
   ``pyarrow.fs``, not boto3.
 
-All these callers check availability first (``ImportError`` or ``importlib.util.find_spec``), so a
-replica that marks the two as absent (``sys.modules[name] = None``, which makes ``import name``
-raise ``ImportError`` and ``find_spec`` return ``None``) runs the same code without them.
+All these callers check availability first (``ImportError`` or ``importlib.util.find_spec``),
+so a replica that marks them as absent (``sys.modules[name] = None``, which makes
+``import name`` raise ``ImportError`` and ``find_spec`` return ``None``) runs the same code
+without them.
 Measured in a plain interpreter with SmolLM2-135M: 365 -> 304 MiB of anonymous memory after
 the imports of an expert replica (see ``bench/serve_memory.py`` and BENCHMARKS.md).
 
@@ -23,8 +24,8 @@ runs in a replica (unpickling the deployment class imports Serve). Ray's worker 
 hook is the place: :func:`lean_actor_options` adds it to an expert deployment's
 ``ray_actor_options``.
 
-``torch._dynamo`` (~67 MiB with sympy) would be the next candidate, but transformers 5 reaches it
-at import time from many places (``masking_utils``, ``@torch.compiler.disable`` and
+``torch._dynamo`` (~67 MiB with sympy) would be the next candidate, but transformers 5 reaches
+it at import time from many places (``masking_utils``, ``@torch.compiler.disable`` and
 ``@torch._dynamo.assume_constant_result`` decorators, ``torch.distributed.tensor``); a deferred
 stand-in for it was tried and broke on circular imports inside torch, so it is left alone.
 """
