@@ -86,8 +86,10 @@ def hook_env_var() -> str:
 def lean_actor_options(ray_actor_options: dict[str, Any]) -> dict[str, Any]:
     """``ray_actor_options`` with :func:`setup_expert_process` as the worker setup hook.
 
-    A setup hook the options already name (``runtime_env.worker_process_setup_hook`` or its
-    variable) is kept: the user's hook wins and the replica imports everything.
+    Options that already name a setup hook are left alone, and the replica then imports
+    everything. That holds for the variable, which Ray runs, and for the
+    ``runtime_env.worker_process_setup_hook`` field, which Ray only applies to a job-level
+    runtime_env: the field is taken as the user's intent either way.
 
     Args:
         ray_actor_options: a deployment's actor options (not modified).
