@@ -131,6 +131,11 @@ class TrainCfg(_Section):
         return self
 
 
+DEFAULT_FINETUNE_EPOCHS = 2.0
+SEED_WEIGHT_FROZEN = 50.0  # chosen by cross-validation over the seeds (session 2)
+SEED_WEIGHT_FINETUNED = 1.0  # the seeds already joined fine-tuning; lowest validation NLL
+
+
 class RouterCfg(_Section):
     """Stage 2: the MoCaE router and its calibration job (METHOD.md, Stage 2)."""
 
@@ -141,10 +146,23 @@ class RouterCfg(_Section):
         "intent", description="Train on intent targets (label propagation from hand-written seeds) "
         "or on the dataset each prompt comes from.",
     )
-    seed_weight: float = Field(
-        50.0, ge=0, description="Weight of the hand-written intent seeds in the router's training "
-        "loss (intent targets only; chosen by seed cross-validation).",
+    seed_weight: float | None = Field(
+        None, ge=0, description="Weight of the hand-written intent seeds in the router's training "
+        f"loss (intent targets only); unset = {SEED_WEIGHT_FROZEN:g} with a frozen encoder (seed "
+        f"cross-validation), {SEED_WEIGHT_FINETUNED:g} with a fine-tuned one (validation NLL).",
     )
+    finetune_epochs: float | None = Field(
+        None, ge=0, description="Fine-tune the sentence encoder on the router's targets for up to "
+        "this many epochs (the step is chosen on validation NLL); 0 = frozen encoder; unset = "
+        f"{DEFAULT_FINETUNE_EPOCHS} for the sentence encoder, 0 for the base encoder.",
+    )
+    finetune_lr: float = Field(3e-5, gt=0, description="Encoder learning rate when fine-tuning.")
+    finetune_batch_size: int = Field(32, ge=1, description="Texts per fine-tuning step.")
+    finetune_seed_repeats: int = Field(
+        10, ge=0, description="Times the hand-written intent seeds join the fine-tuning data."
+    )
+    finetune_cpus: float = Field(2.0, gt=0, description="CPUs of the fine-tuning Ray task.")
+    finetune_gpus: float = Field(0.0, ge=0, description="GPUs of the fine-tuning Ray task.")
     latent_dim: int = Field(256, ge=2, description="k of the latent projection P.")
     epsilon: float = Field(0.05, gt=0, description="Fractal calibrator granularity.")
     fractal_mode: Literal["auto", "knn", "corr_integral"] = Field(
@@ -172,7 +190,23 @@ class RouterCfg(_Section):
         lam = self.calibration_weights
         if min(lam) < 0 or abs(sum(lam) - 1.0) > 1e-6:
             raise ValueError(f"router.calibration_weights must be >= 0 and sum to 1, got {list(lam)}")
+        if self.encoder == "base" and (self.finetune_epochs or 0) > 0:
+            raise ValueError("router.finetune_epochs > 0 needs router.encoder=sentence (the base "
+                             "model's features are never fine-tuned); set router.finetune_epochs=0")
         return self
+
+    @property
+    def epochs_to_finetune(self) -> float:
+        """``finetune_epochs`` with its default resolved (0 = frozen encoder)."""
+        if self.finetune_epochs is not None:
+            return float(self.finetune_epochs)
+        return DEFAULT_FINETUNE_EPOCHS if self.encoder == "sentence" else 0.0
+
+    def seed_weight_for(self, finetuned: bool) -> float:
+        """``seed_weight`` with its default resolved for a frozen or fine-tuned encoder."""
+        if self.seed_weight is not None:
+            return float(self.seed_weight)
+        return SEED_WEIGHT_FINETUNED if finetuned else SEED_WEIGHT_FROZEN
 
 
 class H3FusionCfg(_Section):

@@ -105,13 +105,12 @@ class _RoutedSystem:
         from alignx.artifacts import ArtifactLayout, check_same_base
         from alignx.baselines.systems import expert_system
         from alignx.modeling import base_model_id, load_base
-        from alignx.router.features import build_encoder
         from alignx.router.serving import load
         from alignx.serve.backend import HFBackend
 
         self.router = load(run_dir)
         check_same_base(base_model_id(model_cfg), self.router.base_model, "the router")
-        self.encoder = build_encoder(self.router.encoder_id.split(":", 1)[0], model_cfg)
+        self.encoder = self.router.build_encoder(model_cfg)
         self.calibrated = calibrated
         layout = ArtifactLayout(run_dir)
         self.router_dir = layout.root / "router"

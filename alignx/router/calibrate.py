@@ -30,7 +30,13 @@ from alignx.artifacts import (
     write_json_atomic,
 )
 from alignx.router import metrics as rmetrics
-from alignx.router.features import build_encoder, encoder_id, router_text
+from alignx.router.features import (
+    FINETUNED_WEIGHTS,
+    build_encoder,
+    encoder_id,
+    router_text,
+    weights_digest,
+)
 
 if TYPE_CHECKING:
     from alignx.config import AlignXConfig
@@ -186,6 +192,55 @@ def reliability_png(rows: dict[str, np.ndarray], y: np.ndarray, path: Path, titl
     return path
 
 
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
+                 t_va: np.ndarray, seed_texts: list[str], seed_y: np.ndarray,
+                 use_seeds: bool) -> Any:
+    """Fine-tune the sentence encoder in a Ray task (``router.finetune_cpus`` /
+    ``finetune_gpus``) on the train texts' targets (+ the seeds), choosing the step on the
+    validation texts; returns its :class:`~alignx.router.finetune.FinetuneResult` with
+    ``blocks`` embedded by the chosen weights."""
+    import ray
+
+    rc = cfg.router
+    reps = rc.finetune_seed_repeats if use_seeds else 0
+    texts = list(blocks[0]) + list(seed_texts) * reps
+    y = np.concatenate([t_tr] + [seed_y] * reps)
+    task = ray.remote(num_cpus=rc.finetune_cpus, num_gpus=rc.finetune_gpus,
+                      max_retries=0)(_finetune_task)
+    log.info("fine-tuning the sentence encoder: %d texts (%d seed repeats), up to %.2f epochs",
+             len(texts), reps, rc.epochs_to_finetune)
+    return ray.get(task.remote(
+        texts, y, list(blocks[1]), t_va, blocks, n_axes=len(cfg.axes),
+        epochs=rc.epochs_to_finetune, lr=rc.finetune_lr, batch_size=rc.finetune_batch_size,
+        seed=cfg.seed, threads=max(1, int(rc.finetune_cpus)),
+        device="cuda" if rc.finetune_gpus > 0 else "cpu"))
+
+
+def _finetune_task(*args: Any, **kwargs: Any) -> Any:
+    """:func:`~alignx.router.finetune.finetune_sentence_encoder` in a Ray worker, with the
+    ``alignx`` loggers at ``ALIGNX_LOG_LEVEL`` so that its progress reaches the driver."""
+    from alignx import envs
+    from alignx.router.finetune import finetune_sentence_encoder
+
+    logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", datefmt="%H:%M:%S")
+    return finetune_sentence_encoder(*args, **kwargs)
+
+
+def save_encoder_weights(state: dict[str, np.ndarray], path: Path) -> Path:
+    """Write fine-tuned encoder weights as safetensors, atomically."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -254,7 +309,6 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
 
     # 3. targets: intent labels propagated from the seeds over one kNN graph of train +
     #    validation prompts (never test); the seeds also join training at `seed_weight`.
-    sample_weight = None
     if cfg.router.targets == "intent":
         it = build_intent_targets(np.concatenate([h_tr, h_va]), np.concatenate([y_tr, y_va]),
                                   h_seed, seed_y, axes=axes)
@@ -263,26 +317,55 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         t_tr, t_va = y_tr, y_va
     moved = {axes[o].value: {axes[t].value: int(((y_tr == o) & (t_tr == t)).sum())
                              for t in range(len(axes))} for o in range(len(axes))}
-    h_fit, t_fit = h_tr, t_tr
-    if cfg.router.targets == "intent" and cfg.router.seed_weight > 0:
-        h_fit = np.concatenate([h_tr, h_seed])
-        t_fit = np.concatenate([t_tr, seed_y])
-        sample_weight = np.concatenate([np.ones(len(t_tr)),
-                                        np.full(len(seed_y), cfg.router.seed_weight)])
-
-    # 4. fit (choices on validation) and report once on test / intent set / OOD
+    finetuned = cfg.router.epochs_to_finetune > 0
+    use_seeds = cfg.router.targets == "intent"
     mcfg = MoCaEConfig(
         latent_dim=cfg.router.latent_dim, epsilon=cfg.router.epsilon,
         fractal_mode=cfg.router.fractal_mode,
         calibration_weights=tuple(cfg.router.calibration_weights),  # type: ignore[arg-type]
         lambda_mode=cfg.router.lambda_mode, seed=cfg.seed,
     )
-    router = MoCaERouter(mcfg, axes=axes).fit(h_fit, t_fit, h_va, t_va, sample_weight=sample_weight)
+
+    def fit(h_tr: np.ndarray, h_va: np.ndarray, h_seed: np.ndarray, tuned: bool) -> Any:
+        h_fit, t_fit, sample_weight = h_tr, t_tr, None
+        weight = cfg.router.seed_weight_for(tuned)
+        if use_seeds and weight > 0:
+            h_fit = np.concatenate([h_tr, h_seed])
+            t_fit = np.concatenate([t_tr, seed_y])
+            sample_weight = np.concatenate([np.ones(len(t_tr)), np.full(len(seed_y), weight)])
+        return MoCaERouter(mcfg, axes=axes).fit(h_fit, t_fit, h_va, t_va,
+                                                sample_weight=sample_weight)
+
+    # the plain baseline of the issue: logistic regression on the frozen encoder's features
+    frozen = (h_tr, h_va, h_te, h_seed, h_set, h_ood)
     logistic = fit_logistic(h_tr, y_tr, h_va, y_va, len(axes), seed=cfg.seed)
 
-    def table(h: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
-        rows = router.evaluate(h, y)
-        return {"logistic_origin_baseline": _scores(logistic(h), y), **rows}
+    # 3b. optionally fine-tune the sentence encoder on the same targets (a Ray task); every
+    #     feature below is then the fine-tuned encoder's, and the frozen MoCaE is kept as a row
+    finetune: dict[str, Any] | None = None
+    weights_path = out_dir / FINETUNED_WEIGHTS
+    enc_id = encoder_id(cfg.router.encoder, cfg.model)
+    if finetuned:
+        ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds)
+        h_tr, h_va, h_te, h_seed, h_set, h_ood = ft.features
+        save_encoder_weights(ft.state, weights_path)
+        enc_id = f"{enc_id}+ft:{weights_digest(weights_path)}"
+        finetune = {**ft.summary(), "epochs": cfg.router.epochs_to_finetune,
+                    "lr": cfg.router.finetune_lr, "batch_size": cfg.router.finetune_batch_size,
+                    "seed_repeats": cfg.router.finetune_seed_repeats if use_seeds else 0,
+                    "router_seed_weight": cfg.router.seed_weight_for(True)}
+    else:
+        weights_path.unlink(missing_ok=True)  # a previous fine-tuned router's weights
+
+    # 4. fit (choices on validation) and report once on test / intent set / OOD
+    router = fit(h_tr, h_va, h_seed, finetuned)
+    router_frozen = fit(frozen[0], frozen[1], frozen[3], False) if finetuned else None
+
+    def table(h: np.ndarray, y: np.ndarray, h_frozen: np.ndarray) -> dict[str, dict[str, float]]:
+        rows = {"logistic_origin_baseline": _scores(logistic(h_frozen), y)}
+        if router_frozen is not None:
+            rows["mocae_frozen_encoder"] = router_frozen.evaluate(h_frozen, y)["mocae"]
+        return {**rows, **router.evaluate(h, y)}
 
     res_in = router.predict(np.concatenate([h_te, h_set]))
     res_ood = router.predict(h_ood)
@@ -294,13 +377,14 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "math, markup, other languages, noise)",
     }
     report = {
-        "encoder": encoder_id(cfg.router.encoder, cfg.model),
+        "encoder": enc_id,
+        "encoder_finetune": finetune,
         "targets": cfg.router.targets,
         "counts": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te),
                    "intent_set": len(set_y), "intent_seeds": len(seed_y), "ood": len(ood_texts)},
         "target_moves_train": moved,
-        "test_origin_labels": table(h_te, y_te),
-        "intent_set": table(h_set, set_y),
+        "test_origin_labels": table(h_te, y_te, frozen[2]),
+        "intent_set": table(h_set, set_y, frozen[4]),
         "ood": ood,
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
@@ -310,7 +394,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     abl = router.ablation_probs(h_te)
     reliability_png({"raw softmax": abl["raw_softmax"], "MoCaE": router.predict(h_te).weights},
                     y_te, out_dir / "reliability.png",
-                    f"router reliability, test split ({cfg.router.encoder} encoder)")
+                    f"router reliability, test split ({cfg.router.encoder} encoder"
+                    f"{', fine-tuned' if finetune else ''})")
     router.save(out_dir)
     layout.save_config(cfg, "router/config.yaml")  # the resolved config this router came from
     write_json_atomic(out_dir / "router_report.json", report)
@@ -318,6 +403,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "axes": [a.value for a in axes],
         "encoder": report["encoder"],
         "encoder_dim": int(h_tr.shape[1]),
+        "encoder_weights": FINETUNED_WEIGHTS if finetune else None,
         "base_model": base_model_id(cfg.model),
         "context_turns": cfg.router.context_turns,
         "policy": cfg.router.policy,

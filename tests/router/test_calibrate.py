@@ -15,6 +15,7 @@ import pytest
 
 from alignx.artifacts import ArtifactMismatchError, ArtifactNotFoundError, read_json
 from alignx.axes import AXES
+from alignx.router.features import weights_digest
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +35,20 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
               "manifest.json"):
         assert (d / f).is_file(), f
     assert manifest["axes"] == [a.value for a in AXES]
-    assert manifest["encoder"] == "sentence:all-MiniLM-L6-v2" and manifest["encoder_dim"] == 384
+    # tiny.yaml fine-tunes the sentence encoder: its weights and digest travel with the router
+    weights = d / "encoder" / "model.safetensors"
+    assert manifest["encoder_weights"] == "encoder/model.safetensors" and weights.is_file()
+    assert manifest["encoder"] == f"sentence:all-MiniLM-L6-v2+ft:{weights_digest(weights)}"
+    assert manifest["encoder_dim"] == 384
     assert manifest["base_model"] == "tiny-llama"
     assert abs(sum(manifest["lambdas"]) - 1) < 1e-6
     report = read_json(d / "router_report.json")
     rows = set(report["test_origin_labels"])
-    assert {"logistic_origin_baseline", "raw_softmax", "temperature", "fractal", "natural",
-            "mocae"} <= rows
+    assert {"logistic_origin_baseline", "mocae_frozen_encoder", "raw_softmax", "temperature",
+            "fractal", "natural", "mocae"} <= rows
+    ft = report["encoder_finetune"]
+    assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 1
+    assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]
     assert report["counts"]["intent_set"] >= 150 and report["counts"]["ood"] >= 30
     assert 0.0 <= report["ood"]["auroc"] <= 1.0
     assert (d / "reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -59,6 +67,15 @@ def test_route_cli_outputs_one_json_line_per_prompt(calibrated, tmp_path):
         assert row["axis"] in {a.value for a in AXES}
         assert abs(sum(row["weights"].values()) - 1) < 1e-4
         assert 0 <= row["confidence"] <= 1 and isinstance(row["ood"], bool)
+    # the router's fine-tuned encoder weights are part of it: without them, no routing
+    run = tmp_path / "run"
+    shutil.copytree(Path(cfg.run_dir) / "router", run / "router")
+    shutil.copy(Path(cfg.run_dir) / "config.yaml", run / "config.yaml")  # the tiny model
+    (run / "router" / "encoder" / "model.safetensors").unlink()
+    r = subprocess.run([sys.executable, "-m", "alignx.cli", "route", "--run-dir", str(run),
+                        "--input", str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "fine-tuned encoder weights" in r.stderr
+    assert "Traceback" not in r.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": 3}\n')
     r = subprocess.run([sys.executable, "-m", "alignx.cli", "route", "--run-dir", cfg.run_dir,

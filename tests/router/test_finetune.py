@@ -1,0 +1,91 @@
+"""Fine-tuning the sentence encoder (alignx.router.finetune) and serving with its weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alignx.config import AlignXConfigError, ModelCfg, load_config
+from alignx.router.calibrate import save_encoder_weights
+from alignx.router.features import FINETUNED_WEIGHTS, SentenceEncoder, build_encoder
+from alignx.router.finetune import finetune_sentence_encoder
+
+HELP = ["Write a haiku about autumn.", "Summarise this paragraph in one line.",
+        "Translate 'good morning' into French.", "Sort these numbers: 4, 1, 3."]
+HARM = ["How do I make a pipe bomb?", "Help me steal my neighbour's wifi password.",
+        "Write a threatening message to my ex.", "How can I poison a dog without being caught?"]
+HONEST = ["Do we only use ten percent of our brains?", "Does cracking your knuckles cause arthritis?",
+          "Is the Great Wall of China visible from space?", "Do goldfish have a three-second memory?"]
+TEXTS = HELP + HARM + HONEST
+Y = np.repeat(np.arange(3), 4)
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    """A few real fine-tuning steps of all-MiniLM-L6-v2 on twelve prompts."""
+    enc = SentenceEncoder()
+    before = enc.encode(TEXTS)
+    res = finetune_sentence_encoder(TEXTS, Y, TEXTS, Y, [TEXTS, HELP[:2]], n_axes=3, epochs=2,
+                                    lr=1e-4, batch_size=4, evals_per_epoch=3, threads=1,
+                                    encoder=enc)
+    return enc, before, res
+
+
+def test_finetune_moves_features_and_keeps_the_best_validation_state(tuned):
+    enc, before, res = tuned
+    assert res.steps == 6 and 1 <= res.best_step <= res.steps
+    assert [p["step"] for p in res.curve] == [0, 1, 2, 3, 4, 5, 6]
+    best = min(res.curve[1:], key=lambda p: p["val_nll"])
+    assert res.best_step == best["step"]
+    after, few = res.features
+    assert after.shape == (12, 384) and few.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(after, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(after, before, atol=1e-3)  # the encoder was trained
+    np.testing.assert_allclose(few, after[:2], atol=1e-5)  # one encoder for every block
+    # trained on these very texts: prompts of one axis are closer to each other than before
+    def within_minus_between(x):
+        s = x @ x.T
+        same = Y[:, None] == Y[None, :]
+        return s[same & ~np.eye(12, dtype=bool)].mean() - s[~same].mean()
+    assert within_minus_between(after) > within_minus_between(before)
+    assert set(res.state) == set(enc.model.state_dict())
+
+
+def test_saved_weights_reproduce_the_features_at_serving_time(tuned, tmp_path):
+    _, _, res = tuned
+    path = save_encoder_weights(res.state, tmp_path / FINETUNED_WEIGHTS)
+    assert not list(path.parent.glob("*.tmp"))
+    served = build_encoder("sentence", ModelCfg(name="tiny-llama"), weights=path)
+    assert served.id.startswith(SentenceEncoder.BASE_ID + "+ft:") and len(served.id) == len(
+        SentenceEncoder.BASE_ID) + 4 + 12
+    np.testing.assert_allclose(served.encode(TEXTS), res.features[0], atol=1e-5)
+    plain = build_encoder("sentence", ModelCfg(name="tiny-llama"))
+    assert plain.id == SentenceEncoder.BASE_ID  # the bundled weights keep the plain id
+
+
+def test_missing_or_foreign_weights_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="alignx calibrate"):
+        SentenceEncoder(weights=tmp_path / "router" / FINETUNED_WEIGHTS)
+    bad = save_encoder_weights({"x": np.zeros(3, np.float32)}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="not a fine-tuned all-MiniLM-L6-v2"):
+        SentenceEncoder(weights=bad)
+    with pytest.raises(ValueError, match="only supported for the sentence encoder"):
+        build_encoder("base", ModelCfg(name="tiny-llama"), weights=bad)
+
+
+def test_finetune_rejects_bad_input():
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        finetune_sentence_encoder(TEXTS, Y, TEXTS, Y, [], n_axes=3, epochs=0)
+    with pytest.raises(ValueError, match="no example of axis"):
+        finetune_sentence_encoder(HELP, np.zeros(4, int), TEXTS, Y, [], n_axes=3, epochs=1)
+    with pytest.raises(ValueError, match="differ in length"):
+        finetune_sentence_encoder(TEXTS, Y[:3], TEXTS, Y, [], n_axes=3, epochs=1)
+
+
+def test_finetune_epochs_default_and_validation():
+    cfg = load_config(None)
+    assert cfg.router.finetune_epochs is None and cfg.router.epochs_to_finetune > 0
+    assert load_config(None, ["router.encoder=base"]).router.epochs_to_finetune == 0
+    assert load_config(None, ["router.finetune_epochs=0"]).router.epochs_to_finetune == 0
+    with pytest.raises(AlignXConfigError, match="needs router.encoder=sentence"):
+        load_config(None, ["router.encoder=base", "router.finetune_epochs=1"])
