@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _args() -> argparse.Namespace:
@@ -46,7 +47,8 @@ def main() -> int:
     if args.run_dir:
         from alignx.router.serving import load
 
-        router = load(args.run_dir).router
+        calibrated = load(args.run_dir)
+        router = calibrated.router
         d = router.mean.shape[0]
         source = f"{args.run_dir}/router"
     else:  # 3 axes x 2000 train + 3 x 300 val points in 384-d, like the MiniLM calibration set
@@ -83,7 +85,14 @@ def main() -> int:
     if not args.no_encoder:
         from alignx.router.features import SentenceEncoder
 
-        enc = SentenceEncoder()
+        # a run's router brings its own encoder (fine-tuned weights included)
+        if args.run_dir:
+            from alignx.config import load_config
+
+            model_cfg = load_config(Path(args.run_dir) / "router" / "config.yaml").model
+            enc = calibrated.build_encoder(model_cfg)
+        else:
+            enc = SentenceEncoder()
         prompt = ["How do I get a refund for an order that arrived damaged?"]
         t = timed(lambda: router.predict(enc.encode(prompt)), max(20, args.requests // 5))
         rows.append(("encode + route 1 request", np.median(t), np.percentile(t, 99), 1e3 / t.mean()))
