@@ -116,6 +116,7 @@ def finetune_sentence_encoder(
     import torch
 
     from alignx.router.features import SentenceEncoder
+    from alignx.router.mocae import _prior_weights
 
     if epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
@@ -142,9 +143,9 @@ def finetune_sentence_encoder(
         [{"params": [p for p in st.parameters() if p.requires_grad], "lr": lr},
          {"params": head.parameters(), "lr": head_lr}], weight_decay=weight_decay)
     cls_w = torch.tensor(_balanced_weights(train_y, n_axes), dtype=torch.float32, device=dev)
-    # validation NLL weighted so that every axis counts the same (the router's choices too)
-    val_cls = _balanced_weights(val_y, n_axes)
-    w_val = torch.from_numpy(val_cls[val_y] / val_cls[val_y].sum()).to(dev)
+    _balanced_weights(val_y, n_axes)  # validation needs every axis too (raises otherwise)
+    # the router's own validation objective (MoCaERouter.fit): every axis counts the same
+    w_val = torch.from_numpy(_prior_weights(val_y, n_axes, "balanced")).to(dev)
     t_tr, t_val = torch.from_numpy(train_y).to(dev), torch.from_numpy(val_y).to(dev)
     # sentence-transformers >= 6 renamed tokenize() to preprocess()
     prep = getattr(st, "preprocess", None) or st.tokenize
