@@ -158,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from alignx.train.trainer import ensure_ray
 
     cfg = resolve(args)
-    app_args = deploy.app_args(cfg, routing=not args.no_router)
+    app_args = deploy.app_args(cfg, routing=not args.no_router, engine=args.engine)
     ensure_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(app_args), name="alignx", route_prefix="/")
@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-router", action="store_true", help="serve only the expert-<axis> models")
+    p.add_argument("--engine", choices=("auto", "numpy", "torch"), default="auto",
+                   help="experts' generation engine: numpy is torch-free on CPU (a third of a "
+                        "torch replica's memory); auto picks it when the model allows "
+                        "(default: auto)")
     p = add("evaluate", cmd_evaluate,
             "evaluate AlignX and the baselines (deploys the run's app on Serve unless --url), "
             "or run and compare several base models in parallel (--models)")

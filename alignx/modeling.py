@@ -11,6 +11,9 @@
 
 Cache directories are filled in a temporary folder and renamed into place, so concurrent
 trainers (three axes at once) never see a half-written model.
+
+torch is imported inside the functions that need it: a torch-free expert replica
+(:mod:`alignx.serve.npengine`) resolves model directories and loads tokenizers from here.
 """
 
 from __future__ import annotations
@@ -23,12 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from alignx import envs
 from alignx.models import ModelSpec, get_spec
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from alignx.config import ModelCfg
@@ -117,6 +119,8 @@ def build_tiny_model(spec: ModelSpec, vocab_size: int, seed: int = 0) -> PreTrai
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     )
+    import torch
+
     torch.manual_seed(seed)
     if spec.arch == "gemma":
         return GemmaForCausalLM(GemmaConfig(head_dim=spec.hidden_size // 4, **common))
@@ -151,6 +155,7 @@ def _smollm2_package_dir() -> Path:
 def _build_smollm2_dir(out: Path) -> None:
     """Dequantize the packaged GGUF once; ``save_pretrained`` refuses GGUF-loaded models, so the
     weights are copied into a freshly configured model first (ENVIRONMENT.md)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
@@ -184,6 +189,8 @@ def resolve_model_dir(name: str) -> str:
 
 def resolve_dtype(dtype: str, use_gpu: bool | None = None) -> torch.dtype:
     """``auto`` is bfloat16 on a CUDA device and float32 on CPU (never a silent downgrade)."""
+    import torch
+
     if use_gpu is None:
         use_gpu = torch.cuda.is_available()
     if dtype == "auto":
@@ -191,14 +198,30 @@ def resolve_dtype(dtype: str, use_gpu: bool | None = None) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_tokenizer(model_cfg: ModelCfg) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_cfg.name`` with the registry's chat template applied."""
+_PLAIN_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _from_pretrained_tokenizer(path: str, model_cfg: ModelCfg) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained``, except for a local directory whose tokenizer is the
+    plain fast class (our cached registry models): that class is loaded directly, which is the
+    same tokenizer without ``AutoTokenizer``'s import of torch (a torch-free expert replica)."""
+    import json
+
+    cfg = Path(path) / "tokenizer_config.json"
+    if not model_cfg.trust_remote_code and cfg.is_file() and (Path(path) / "tokenizer.json").is_file():
+        if json.loads(cfg.read_text()).get("tokenizer_class") in _PLAIN_FAST:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(path)
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+
+
+def load_tokenizer(model_cfg: ModelCfg) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model_cfg.name`` with the registry's chat template applied."""
     spec = get_spec(model_cfg.name)
-    tok = AutoTokenizer.from_pretrained(
-        resolve_model_dir(model_cfg.name), trust_remote_code=model_cfg.trust_remote_code
-    )
+    tok = _from_pretrained_tokenizer(resolve_model_dir(model_cfg.name), model_cfg)
     if spec is not None and spec.chat_template is not None:
         tok.chat_template = spec.chat_template
     if tok.chat_template is None:

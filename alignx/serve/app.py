@@ -91,7 +91,14 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     share_base_weights: bool = Field(
         True, description="Replicas on a node share one object-store copy of the base weights.")
-    torch_threads: int | None = Field(1, ge=1, description="torch threads per replica.")
+    torch_threads: int | None = Field(
+        1, ge=1, description="Compute threads per generating replica (torch, or BLAS for the "
+                             "numpy engine).")
+    engine: Literal["auto", "numpy", "torch"] = Field(
+        "auto", description="Generation engine of the experts and the base/multitask systems: "
+        "numpy (torch-free, CPU: ~1/3 of a torch replica's memory, alignx.serve.npengine), "
+        "torch (transformers generate; CPU or GPU), or auto (numpy on a CPU replica when the "
+        "model and adapter are supported, else torch). h3fusion always runs on torch.")
     lean_imports: bool = Field(
         True, description="Expert replicas skip libraries they never use (pandas, scipy, "
                           "boto3): ~60 MiB less per replica (alignx.serve.lean).")
@@ -165,6 +172,50 @@ class AppArgs(BaseModel):
             api_key=key, log_prompts=self.log_prompts)
 
 
+def choose_engine(engine: str, target: str, model_cfg: Any) -> tuple[str, str]:
+    """The generation engine of one replica and why (``AppArgs.engine``; pure but for the GPU
+    check, which asks Ray).
+
+    Args:
+        engine: ``auto``, ``numpy`` or ``torch``.
+        target: the axis or system name the replica serves.
+        model_cfg: the base model section (``ModelCfg``).
+
+    Returns:
+        ``("numpy" | "torch", reason)``.
+
+    Raises:
+        UnsupportedModelError: ``engine: numpy`` for a model or system it cannot run.
+    """
+    from alignx.modeling import resolve_model_dir
+    from alignx.serve.npengine import UnsupportedModelError, numpy_supported
+
+    if engine == "torch":
+        return "torch", "engine: torch"
+    reason = None
+    if target == "h3fusion":
+        reason = "h3fusion's token-level gates are torch modules"
+    elif _has_gpu():
+        reason = "a GPU is assigned to this replica"
+    else:
+        reason = numpy_supported(resolve_model_dir(model_cfg.name))
+    if reason is None:
+        return "numpy", f"engine: {engine}, CPU, {model_cfg.name} supported"
+    if engine == "numpy":
+        raise UnsupportedModelError(f"engine: numpy cannot serve {target!r}: {reason}; "
+                                    "use engine: torch or auto")
+    return "torch", f"engine: auto, {reason}"
+
+
+def _has_gpu() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and bool(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - outside a Ray worker: no GPU was assigned by Ray
+        return False
+
+
 def _merge(defaults: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = {**defaults, **over}
     if "ray_actor_options" in defaults and "ray_actor_options" in over:
@@ -211,14 +262,30 @@ def _serve_classes() -> tuple[type, type, type]:
                 log.warning("lean_imports is on but %s are loaded in this replica: its "
                             "ray_actor_options replaced the worker setup hook (see the "
                             "deployments of serve_config.yaml)", loaded)
-            loader = None
-            if a.share_base_weights:
-                from alignx.config import ModelCfg
-                from alignx.serve.weights import shared_base_loader
+            from alignx.config import ModelCfg
+            from alignx.serve.npengine import UnsupportedModelError, limit_threads
+            from alignx.serve.weights import numpy_base_loader, shared_base_loader
 
-                loader = shared_base_loader(ModelCfg(**a.model_cfg()))
-            super().__init__(target, a.run_dir, a.model_cfg(),  # type: ignore[call-arg]
-                             a.max_prompt_tokens, loader, torch_threads=a.torch_threads)
+            mcfg = ModelCfg(**a.model_cfg())
+            engine, why = choose_engine(a.engine, target, mcfg)
+            log.info("%s: %s engine (%s)", target, engine, why)
+            torch_loader = shared_base_loader(mcfg) if a.share_base_weights else None
+            init = (target, a.run_dir, a.model_cfg(), a.max_prompt_tokens)
+            if engine == "numpy":
+                if a.torch_threads:
+                    limit_threads(a.torch_threads)
+                try:
+                    super().__init__(*init, numpy_base_loader(mcfg, a.share_base_weights))
+                except UnsupportedModelError as e:
+                    if a.engine == "numpy":
+                        raise
+                    log.warning("%s: the numpy engine cannot serve it (%s); using torch",
+                                target, e)
+                    engine = "torch"
+            if engine == "torch":
+                super().__init__(*init, torch_loader,  # type: ignore[call-arg]
+                                 torch_threads=a.torch_threads)
+            self.engine = engine
             self._submit.set_max_batch_size(a.max_batch_size)
             self._submit.set_batch_wait_timeout_s(a.batch_wait_timeout_s)
             self.max_batch_size = a.max_batch_size  # generate_batch merges queued batches

@@ -6,7 +6,10 @@ implementation with ``transformers.generate``: several requests are generated to
 (left padding, one forward per step for the whole batch), each with its own ``max_tokens``
 and stop strings; requests with different sampling settings (temperature/top_p) run as
 separate sub-batches because ``generate`` takes one setting per call. A vLLM backend for GPU
-is a later addition behind the same protocol.
+is a later addition behind the same protocol; :class:`alignx.serve.npengine.NumpyBackend` is
+the torch-free CPU engine of the expert replicas. torch is imported only by :class:`HFBackend`,
+so the protocol, :class:`SamplingParams` and :func:`finish_completion` cost an expert replica
+no torch runtime.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,64 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class StopHoldback:
+    """Streaming with stop strings: text that could still become a stop string is held back
+    until it is known not to be one, so a stop string never reaches the client.
+
+    Args:
+        stops: the request's stop strings.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.sent = 0
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Take the whole text generated so far; return the new text that is safe to send, and
+        whether a stop string was found (then the stream is over)."""
+        cut, found = _cut_at_stop(text, self.stops)
+        safe = len(cut) if found else max(self.sent, len(text) - self.hold)
+        delta = (cut if found else text)[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return delta, found
+
+
+def finish_completion(tok: Any, eos_ids: set[int], new_ids: list[int], prompt_len: int,
+                      p: SamplingParams) -> Completion:
+    """Turn one row's new tokens into a :class:`Completion` (EOS, stop strings, length).
+
+    Shared by every engine, so they agree on text, finish reason and token counts.
+
+    Args:
+        tok: the tokenizer (``decode``).
+        eos_ids: ids that end a generation.
+        new_ids: the generated ids (may run past EOS or the limit: batch padding).
+        prompt_len: tokens of the prompt (reported as ``prompt_tokens``).
+        p: the request's settings.
+    """
+    ids = new_ids[: p.max_tokens]
+    hit_eos = False
+    for j, t in enumerate(ids):
+        if t in eos_ids:
+            ids, hit_eos = ids[:j], True
+            break
+    text = tok.decode(ids, skip_special_tokens=True)
+    text, hit_stop = _cut_at_stop(text, p.stop)
+    n = len(ids)
+    if hit_stop:  # tokens consumed = shortest prefix whose text contains a stop string
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _cut_at_stop(tok.decode(ids[:mid], skip_special_tokens=True), p.stop)[1]:
+                hi = mid
+            else:
+                lo = mid + 1
+        n = lo
+    reason: FinishReason = "stop" if (hit_eos or hit_stop) else "length"
+    return Completion(text, reason, prompt_len, n + (1 if hit_eos else 0))
+
+
 class _RowStops:
     """A per-row stopping criterion: a row is done at its ``max_tokens`` or a stop string.
 
@@ -104,6 +164,8 @@ class _RowStops:
         self.tok, self.prompt_len, self.params, self.cancel = tok, prompt_len, params, cancel
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        import torch
+
         n_new = input_ids.shape[1] - self.prompt_len
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i, p in enumerate(self.params):
@@ -152,29 +214,8 @@ class HFBackend:
         )
 
     def _finish(self, new_ids: list[int], prompt_len: int, p: SamplingParams) -> Completion:
-        """Turn one row's new tokens into a :class:`Completion` (EOS, stop strings, length)."""
-        ids = new_ids[: p.max_tokens]
-        hit_eos = False
-        for j, t in enumerate(ids):
-            if t in self.eos_ids:
-                ids, hit_eos = ids[:j], True
-                break
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        text, hit_stop = _cut_at_stop(text, p.stop)
-        n = len(ids)
-        if hit_stop:  # tokens consumed = shortest prefix whose text contains a stop string
-            lo, hi = 1, len(ids)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if _cut_at_stop(self.tok.decode(ids[:mid], skip_special_tokens=True), p.stop)[1]:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            n = lo
-        reason: FinishReason = "stop" if (hit_eos or hit_stop) else "length"
-        return Completion(text, reason, prompt_len, n + (1 if hit_eos else 0))
+        return finish_completion(self.tok, self.eos_ids, new_ids, prompt_len, p)
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[Completion]:
         """Generate completions for several prompts together.
 
@@ -188,8 +229,14 @@ class HFBackend:
         Raises:
             ValueError: ``prompts`` and ``params`` differ in length.
         """
+        import torch
+
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        with torch.inference_mode():
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[Completion]:
         out: list[Completion | None] = [None] * len(prompts)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, p in enumerate(params):
@@ -216,6 +263,7 @@ class HFBackend:
         be one, so a stop string never reaches the client. Closing the iterator early stops
         the generation thread at its next step.
         """
+        import torch
         from transformers import TextIteratorStreamer
 
         enc = self.tok([prompt], return_tensors="pt", add_special_tokens=False).to(self.device)
@@ -238,16 +286,13 @@ class HFBackend:
 
         worker = threading.Thread(target=_run, name="alignx-stream", daemon=True)
         worker.start()
-        hold = max((len(s) for s in params.stop), default=1) - 1
-        text, sent = "", 0
+        held, text = StopHoldback(params.stop), ""
         try:
             for piece in streamer:
                 text += piece
-                cut, found = _cut_at_stop(text, params.stop)
-                safe = len(cut) if found else max(sent, len(text) - hold)
-                if safe > sent:
-                    yield cut[sent:safe] if found else text[sent:safe]
-                    sent = safe
+                delta, found = held.feed(text)
+                if delta:
+                    yield delta
                 if found:
                     cancel.set()
                     break
@@ -257,6 +302,6 @@ class HFBackend:
         if "error" in result:
             raise result["error"]  # type: ignore[misc]
         final = self._finish(result["ids"][0, plen:].tolist(), plen, params)  # type: ignore[index]
-        if len(final.text) > sent:
-            yield final.text[sent:]
+        if len(final.text) > held.sent:
+            yield final.text[held.sent:]
         yield final

@@ -24,13 +24,15 @@ BASELINE_SYSTEMS = ("base", "multitask", "h3fusion")
 
 
 def app_args(cfg: AlignXConfig, systems: list[str] | None = None,
-             routing: bool = True) -> dict[str, Any]:
+             routing: bool = True, engine: str = "torch") -> dict[str, Any]:
     """``build_app`` arguments for a run: its adapters, router settings and baselines.
 
     Args:
         cfg: the run config (``run_dir``, ``router.*``).
         systems: evaluation systems to serve; baselines among them become extra deployments.
         routing: serve the calibrated router (``alignx``); False serves only the experts.
+        engine: ``AppArgs.engine``. The evaluation keeps ``torch`` for every system: it
+            compares the systems' latency and memory, and h3fusion runs on torch only.
     """
     from alignx.storage import run_location
 
@@ -43,6 +45,7 @@ def app_args(cfg: AlignXConfig, systems: list[str] | None = None,
         "threshold": cfg.router.threshold,
         "fallback": cfg.router.fallback.value,
         "context_turns": cfg.router.context_turns,
+        "engine": engine,
     }
     if not routing:
         args["routing_model"] = None

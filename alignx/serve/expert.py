@@ -70,12 +70,15 @@ def load_system_state(
         See :func:`alignx.baselines.systems.load_system`.
     """
     from alignx.baselines.systems import load_system
+    from alignx.serve.npengine import NumpyBackend, NumpyCausalLM
 
     ls = load_system(name, run_dir, model_cfg, base_loader)
-    log.info("%s: loaded from %s (manifest %s, template %s)", ls.name, ls.provenance.run,
-             ls.provenance.manifest_sha256 or "-", ls.template_id)
-    return _ExpertState(HFBackend(ls.model, ls.tokenizer), ls.tokenizer, ls.system,
-                        ls.template_id, ls.provenance)
+    numpy = isinstance(ls.model, NumpyCausalLM)
+    log.info("%s: loaded from %s (manifest %s, template %s, %s engine)", ls.name,
+             ls.provenance.run, ls.provenance.manifest_sha256 or "-", ls.template_id,
+             "numpy" if numpy else "torch")
+    backend = NumpyBackend(ls.model, ls.tokenizer) if numpy else HFBackend(ls.model, ls.tokenizer)
+    return _ExpertState(backend, ls.tokenizer, ls.system, ls.template_id, ls.provenance)
 
 
 def load_expert_state(
@@ -113,7 +116,8 @@ class SystemGenerator:
         base_loader: see :func:`load_system_state`.
         state: a prebuilt state (tests); skips loading.
         torch_threads: ``torch.set_num_threads`` for this process (a fractional-CPU replica
-            should not start one thread per core).
+            should not start one thread per core); a torch-free replica leaves it ``None``
+            and limits its BLAS threads instead (:func:`alignx.serve.npengine.limit_threads`).
 
     Raises:
         See :func:`load_system_state`.

@@ -11,13 +11,18 @@ The store actor itself stays small: a one-shot task (:func:`load_base_arrays`, i
 process, which exits afterwards) loads the model with torch and returns the arrays, and the
 actor keeps the reference. A task's return value is owned by its caller, so the arrays live as
 long as the actor; the actor never imports torch or transformers and never maps the weights.
+
+Two layouts, one store per (node, model, engine): ``torch`` keeps the parameters as the
+``transformers`` model names them (:func:`build_on_arrays` rebuilds the torch model on them);
+``numpy`` keeps :func:`alignx.serve.npengine.engine_arrays` (transposed Linear weights), which
+the torch-free engine runs on directly (:func:`numpy_base_loader`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAMESPACE = "alignx"
+
+Engine = Literal["torch", "numpy"]
 
 
 def _arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -64,20 +71,28 @@ def release_heap(collect: bool = True) -> None:
         pass
 
 
-def load_base_arrays(model_cfg: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+def load_base_arrays(model_cfg: dict[str, Any], engine: Engine = "torch"
+                     ) -> tuple[dict[str, np.ndarray], int]:
     """Load the base model and return its weights as numpy arrays (run as a one-shot task).
 
     Args:
         model_cfg: the ``model`` section as a dict.
+        engine: the layout: ``torch`` (:func:`_arrays` of the ``transformers`` model) or
+            ``numpy`` (:func:`alignx.serve.npengine.engine_arrays`, read without torch).
 
     Returns:
-        ``(arrays, nbytes)``: :func:`_arrays` of the model and their total size.
+        ``(arrays, nbytes)``: the arrays and their total size.
     """
     from alignx.config import ModelCfg
-    from alignx.modeling import load_base
+    from alignx.modeling import load_base, resolve_model_dir
 
-    model, _ = load_base(ModelCfg(**model_cfg), use_gpu=False)
-    arrays = _arrays(model)
+    if engine == "numpy":
+        from alignx.serve.npengine import load_engine_arrays
+
+        arrays = load_engine_arrays(resolve_model_dir(model_cfg["name"]))[1]
+    else:
+        model, _ = load_base(ModelCfg(**model_cfg), use_gpu=False)
+        arrays = _arrays(model)
     return arrays, int(sum(a.nbytes for a in arrays.values()))
 
 
@@ -90,9 +105,10 @@ class BaseWeightsStore:
 
     Args:
         model_cfg: the ``model`` section as a dict.
+        engine: the layout of the arrays (see :func:`load_base_arrays`).
     """
 
-    def __init__(self, model_cfg: dict[str, Any]):
+    def __init__(self, model_cfg: dict[str, Any], engine: Engine = "torch"):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -100,7 +116,7 @@ class BaseWeightsStore:
         load = ray.remote(num_returns=2, max_calls=1, num_cpus=0, max_retries=1)(
             load_base_arrays).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-        self.ref, nbytes = load.remote(model_cfg)
+        self.ref, nbytes = load.remote(model_cfg, engine)
         self.nbytes = int(ray.get(nbytes))
         log.info("base weights of %s in the object store (%.1f MB)", model_cfg["name"],
                  self.nbytes / 2**20)
@@ -113,11 +129,51 @@ class BaseWeightsStore:
         return self.nbytes
 
 
-def _store_name(model_cfg: ModelCfg, node_id: str) -> str:
-    return f"alignx-base-{model_cfg.name.replace('/', '_')}-{model_cfg.dtype}-{node_id[:12]}"
+def _store_name(model_cfg: ModelCfg, node_id: str, engine: Engine = "torch") -> str:
+    layout = "-np" if engine == "numpy" else ""
+    return (f"alignx-base-{model_cfg.name.replace('/', '_')}-{model_cfg.dtype}{layout}-"
+            f"{node_id[:12]}")
 
 
-def shared_base_loader(model_cfg: ModelCfg):  # noqa: ANN201 - returns a BaseLoader
+def shared_arrays(model_cfg: ModelCfg, engine: Engine = "torch") -> dict[str, np.ndarray]:
+    """This node's object-store copy of the base weights in ``engine``'s layout (zero-copy,
+    read-only views). Call inside a Ray worker; the first caller on a node creates the store
+    actor (``get_if_exists`` makes concurrent creation safe)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    store = ray.remote(BaseWeightsStore).options(
+        name=_store_name(model_cfg, node, engine), namespace=NAMESPACE, lifetime="detached",
+        get_if_exists=True, num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+    ).remote(model_cfg.model_dump(), engine)
+    return ray.get(ray.get(store.get.remote())[0])
+
+
+def numpy_base_loader(model_cfg: ModelCfg, shared: bool = True):  # noqa: ANN201 - a BaseLoader
+    """A ``BaseLoader`` for the torch-free engine: a :class:`~alignx.serve.npengine.NumpyCausalLM`
+    on this node's shared weights (``shared``, inside a Ray worker) or on a private copy read
+    from the checkpoint, and the tokenizer.
+
+    Raises (when called):
+        UnsupportedModelError: the engine cannot run this model (the caller may fall back).
+    """
+
+    def load() -> tuple[Any, PreTrainedTokenizerBase]:
+        from alignx.modeling import load_tokenizer, resolve_model_dir
+        from alignx.serve.npengine import NumpyCausalLM, load_engine_arrays, read_arch
+
+        path = resolve_model_dir(model_cfg.name)
+        cfg, eos = read_arch(path)
+        arrays = shared_arrays(model_cfg, "numpy") if shared else load_engine_arrays(path)[1]
+        return NumpyCausalLM(cfg, arrays, eos_ids=eos), load_tokenizer(model_cfg)
+
+    load.engine = "numpy"  # type: ignore[attr-defined] - read by load_system
+    return load
+
+
+def shared_base_loader(model_cfg: ModelCfg, engine: Engine = "torch"):  # noqa: ANN201
     """A ``BaseLoader`` that builds the base model on this node's shared weights.
 
     Call inside a Ray worker (a Serve replica). The first replica on a node creates the
@@ -125,24 +181,18 @@ def shared_base_loader(model_cfg: ModelCfg):  # noqa: ANN201 - returns a BaseLoa
 
     Args:
         model_cfg: the base model section.
+        engine: ``torch`` (a ``transformers`` model) or ``numpy`` (:func:`numpy_base_loader`).
 
     Returns:
         ``() -> (model, tokenizer)``.
     """
+    if engine == "numpy":
+        return numpy_base_loader(model_cfg, shared=True)
 
     def load() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         from alignx.modeling import load_tokenizer
 
-        node = ray.get_runtime_context().get_node_id()
-        store = ray.remote(BaseWeightsStore).options(
-            name=_store_name(model_cfg, node), namespace=NAMESPACE, lifetime="detached",
-            get_if_exists=True, num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(model_cfg.model_dump())
-        arrays = ray.get(ray.get(store.get.remote())[0])  # zero-copy numpy views
+        arrays = shared_arrays(model_cfg, "torch")  # zero-copy numpy views
         return build_on_arrays(model_cfg, arrays), load_tokenizer(model_cfg)
 
     return load
