@@ -189,10 +189,16 @@ class SystemGenerator:
             raise RuntimeError(f"{self.name} has no model loaded")
 
     def info(self) -> dict[str, Any]:
-        """System, template and provenance (for ``/v1/models`` and debugging)."""
+        """System, template, provenance and generation engine (for debugging)."""
+        import sys
+
+        from alignx.serve.npengine import NumpyBackend
+
         s = self._state
         return {"system": self.name, "template_id": s.template_id,
-                "provenance": s.provenance.model_dump()}
+                "provenance": s.provenance.model_dump(),
+                "engine": "numpy" if isinstance(s.backend, NumpyBackend) else "torch",
+                "torch_loaded": "torch" in sys.modules}
 
     # ------------------------------------------------------------------ generation
 

@@ -105,6 +105,16 @@ def test_http_routes_each_axis_to_its_expert(served):
         "model": "nope", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
 
 
+def test_experts_run_the_torch_free_engine(served):
+    """engine: auto on a CPU replica of a supported model: numpy, and no torch in the process
+    (the lean hook, the app module's imports and the tokenizer all stay torch-free)."""
+    from ray import serve
+
+    for axis in Axis:
+        info = serve.get_deployment_handle(f"expert-{axis.value}", APP).info.remote().result()
+        assert info["engine"] == "numpy" and info["torch_loaded"] is False, info
+
+
 def test_openai_client_round_trip(served):
     from openai import OpenAI
 
