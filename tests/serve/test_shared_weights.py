@@ -52,18 +52,24 @@ def test_replicas_share_one_store_copy_and_the_store_carries_no_torch(ray_local,
         store = ray.get_actor(_store_name(tiny_model_cfg, node), namespace=NAMESPACE)
         assert ray.get(store.size.remote()) > 0
         gcs = ray.get_runtime_context().gcs_address
-        [info] = list_actors(address=gcs, filters=[("class_name", "=", "BaseWeightsStore"),
-                                                   ("state", "=", "ALIVE")])
+        # this layout's store (other tests' apps may leave the numpy engine's store alive)
+        [info] = list_actors(address=gcs, filters=[
+            ("class_name", "=", "BaseWeightsStore"), ("state", "=", "ALIVE"),
+            ("name", "=", _store_name(tiny_model_cfg, node))])
         assert "libtorch" not in _maps(info.pid)  # the store never imported torch
         # the loading task finished and its worker exited (max_calls=1): no process is left
         # holding torch and the model on the store's behalf; the arrays live on with the store
-        [task] = list_tasks(address=gcs, filters=[("func_or_class_name", "=",
-                                                   "load_base_arrays")])
+        # (every store's loading task: other tests' apps may have loaded the numpy layout)
+        tasks = list_tasks(address=gcs, filters=[("func_or_class_name", "=",
+                                                  "load_base_arrays")])
+        assert tasks
         deadline = time.time() + 30
-        while time.time() < deadline and Path(f"/proc/{task.worker_pid}").exists():
+        while time.time() < deadline and any(Path(f"/proc/{t.worker_pid}").exists()
+                                             for t in tasks):
             time.sleep(0.5)
-        assert task.state == "FINISHED"
-        assert not Path(f"/proc/{task.worker_pid}").exists()
+        for task in tasks:
+            assert task.state == "FINISHED"
+            assert not Path(f"/proc/{task.worker_pid}").exists()
     finally:
         for h in holders:
             ray.kill(h)
