@@ -22,8 +22,8 @@ LoRA adapters (PEFT's ``adapter_model.safetensors``) are applied unmerged,
 base weights stay shared and read-only and each replica holds only its adapter.
 
 Weights layout (:func:`engine_arrays`): every Linear weight is stored transposed,
-``(in, out)`` C-contiguous, because OpenBLAS multiplies ``x @ W_t`` up to ~1.7x faster than
-``x @ W.T`` at the small batch sizes of decoding (measured in BENCHMARKS.md). With tied
+``(in, out)`` C-contiguous, because OpenBLAS multiplies ``x @ W_t`` 1.4-1.9x faster than
+``x @ W.T`` at batch 4-16 (``bench/npengine_speed.py``, BENCHMARKS.md). With tied
 embeddings only ``lm_head_t`` ``(d, V)`` is kept and token embeddings are gathered from its
 columns, so the table is not stored twice.
 
