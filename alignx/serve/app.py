@@ -285,7 +285,6 @@ def _serve_classes() -> tuple[type, type, type]:
             if engine == "torch":
                 super().__init__(*init, torch_loader,  # type: ignore[call-arg]
                                  torch_threads=a.torch_threads)
-            self.engine = engine
             self._submit.set_max_batch_size(a.max_batch_size)
             self._submit.set_batch_wait_timeout_s(a.batch_wait_timeout_s)
             self.max_batch_size = a.max_batch_size  # generate_batch merges queued batches
