@@ -151,6 +151,11 @@ class RouterCfg(_Section):
         f"loss (intent targets only); unset = {SEED_WEIGHT_FROZEN:g} with a frozen encoder (seed "
         f"cross-validation), {SEED_WEIGHT_FINETUNED:g} with a fine-tuned one (validation NLL).",
     )
+    relabel_margin: float | Literal["auto"] = Field(
+        "auto", description="Intent targets: a prompt leaves its origin label when the seeds' "
+        "propagated share beats the origin's by more than this (0 = any majority, 1 = never); "
+        "auto = chosen from 0..1 by seed cross-validation + origin-label validation accuracy.",
+    )
     finetune_epochs: float | None = Field(
         None, ge=0, description="Fine-tune the sentence encoder on the router's targets for up to "
         "this many epochs (the step is chosen on validation NLL); 0 = frozen encoder; unset = "
@@ -168,6 +173,11 @@ class RouterCfg(_Section):
     fractal_mode: Literal["auto", "knn", "corr_integral"] = Field(
         "auto", description="Fractal score: literal correlation integral, kNN local scale, or auto "
         "(the lower validation NLL).",
+    )
+    ood_quantile: float | None = Field(
+        0.99, gt=0, le=1, description="OOD radius = this quantile of the validation prompts' "
+        "distance to the nearest calibration centroid (~1% of in-distribution requests flagged "
+        "at 0.99); null = the largest fractal radius.",
     )
     calibration_weights: tuple[float, float] = Field(
         (0.6, 0.4), description="(lambda_1 fractal, lambda_2 natural), the paper's weights."
@@ -190,6 +200,9 @@ class RouterCfg(_Section):
         lam = self.calibration_weights
         if min(lam) < 0 or abs(sum(lam) - 1.0) > 1e-6:
             raise ValueError(f"router.calibration_weights must be >= 0 and sum to 1, got {list(lam)}")
+        if self.relabel_margin != "auto" and not 0.0 <= self.relabel_margin <= 1.0:
+            raise ValueError(f"router.relabel_margin must be in [0, 1] or 'auto', got "
+                             f"{self.relabel_margin}")
         if self.encoder == "base" and (self.finetune_epochs or 0) > 0:
             raise ValueError("router.finetune_epochs > 0 needs router.encoder=sentence (the base "
                              "model's features are never fine-tuned); set router.finetune_epochs=0")

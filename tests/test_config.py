@@ -42,6 +42,10 @@ def test_cross_field_rules_name_the_key():
         load_config(None, ["router.calibration_weights=[0.7,0.7]"])
     with pytest.raises(AlignXConfigError, match="duplicates"):
         load_config(None, ["axes=[honesty,honesty]"])
+    with pytest.raises(AlignXConfigError, match=r"router.relabel_margin must be in \[0, 1\]"):
+        load_config(None, ["router.relabel_margin=1.5"])
+    assert load_config(None, ["router.relabel_margin=0.3"]).router.relabel_margin == 0.3
+    assert load_config(None).router.relabel_margin == "auto"
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

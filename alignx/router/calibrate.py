@@ -153,6 +153,36 @@ def fit_logistic(h: np.ndarray, y: np.ndarray, h_val: np.ndarray, y_val: np.ndar
     return predict
 
 
+def fit_weighted_logistic(h: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
+                          n_axes: int, weight_decay: float = 1e-3, seed: int = 0) -> Any:
+    """Weighted multinomial logistic regression (LBFGS) at a fixed L2 strength; the fast
+    router that :func:`~alignx.router.targets.choose_relabel_margin` refits per fold.
+    Returns a callable ``h -> probs``."""
+    import torch
+
+    torch.manual_seed(seed)
+    x, t = torch.from_numpy(np.asarray(h, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+    w = torch.from_numpy(np.asarray(sample_weight, np.float32))
+    w = w / w.mean()
+    lin = torch.nn.Linear(x.shape[1], n_axes)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        ce = torch.nn.functional.cross_entropy(lin(x), t, reduction="none")
+        loss = (w * ce).mean() + weight_decay * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def predict(hh: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(lin(torch.from_numpy(np.asarray(hh, np.float32))), -1).numpy()
+
+    return predict
+
+
 def _scores(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {
         "accuracy": rmetrics.accuracy(p, y),
@@ -275,7 +305,11 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     """
     from alignx.modeling import base_model_id
     from alignx.router.mocae import MoCaEConfig, MoCaERouter
-    from alignx.router.targets import build_intent_targets, read_intent_prompts
+    from alignx.router.targets import (
+        build_intent_targets,
+        choose_relabel_margin,
+        read_intent_prompts,
+    )
     from alignx.storage import fetch, publish
 
     t0 = time.time()
@@ -309,9 +343,25 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
 
     # 3. targets: intent labels propagated from the seeds over one kNN graph of train +
     #    validation prompts (never test); the seeds also join training at `seed_weight`.
+    #    How readily a prompt leaves its origin label (the margin) is chosen on validation:
+    #    seed cross-validation (intent) + validation accuracy on origin labels, frozen features.
+    relabel: dict[str, Any] | None = None
     if cfg.router.targets == "intent":
+        margin = cfg.router.relabel_margin
+        if margin == "auto":
+            sw = cfg.router.seed_weight_for(False)
+            choice = choose_relabel_margin(
+                h_tr, y_tr, h_va, y_va, h_seed, seed_y, axes=axes, seed=cfg.seed, seed_weight=sw,
+                fit=lambda h, y, w: fit_weighted_logistic(h, y, w, len(axes), seed=cfg.seed))
+            margin = choice.margin
+            relabel = {"margin": margin, "chosen_by": "5-fold seed CV accuracy + origin-label "
+                       "validation accuracy (mean), frozen features, weighted logistic router "
+                       f"(seed weight {sw:g})", "rows": choice.rows}
+            log.info("relabel margin %.2f chosen on validation", margin)
+        else:
+            relabel = {"margin": margin, "chosen_by": "config router.relabel_margin"}
         it = build_intent_targets(np.concatenate([h_tr, h_va]), np.concatenate([y_tr, y_va]),
-                                  h_seed, seed_y, axes=axes)
+                                  h_seed, seed_y, axes=axes, margin=float(margin))
         t_tr, t_va = it.labels[: len(y_tr)], it.labels[len(y_tr) :]
     else:
         t_tr, t_va = y_tr, y_va
@@ -321,7 +371,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     use_seeds = cfg.router.targets == "intent"
     mcfg = MoCaEConfig(
         latent_dim=cfg.router.latent_dim, epsilon=cfg.router.epsilon,
-        fractal_mode=cfg.router.fractal_mode,
+        fractal_mode=cfg.router.fractal_mode, ood_quantile=cfg.router.ood_quantile,
         calibration_weights=tuple(cfg.router.calibration_weights),  # type: ignore[arg-type]
         lambda_mode=cfg.router.lambda_mode, seed=cfg.seed,
     )
@@ -373,6 +423,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "auroc": rmetrics.auroc(res_ood.ood_score, res_in.ood_score),
         "flagged_in_distribution": float(res_in.ood.mean()),
         "flagged_ood": float(res_ood.ood.mean()),
+        "ood_radius": float(router.fractal.ood_radius),
+        "ood_quantile": cfg.router.ood_quantile,
         "ood_set": f"{OOD_SET.name}: {len(ood_texts)} non-request texts (code, logs, data rows, "
         "math, markup, other languages, noise)",
     }
@@ -383,6 +435,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "counts": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te),
                    "intent_set": len(set_y), "intent_seeds": len(seed_y), "ood": len(ood_texts)},
         "target_moves_train": moved,
+        "relabel": relabel,
         "test_origin_labels": table(h_te, y_te, frozen[2]),
         "intent_set": table(h_set, set_y, frozen[4]),
         "ood": ood,
@@ -432,6 +485,12 @@ def format_report(report: dict[str, Any]) -> str:
         out.append(f"\n{title}\n{'row':<26}" + "".join(f"{c[:10]:>11}" for c in cols))
         for row, m in report[key].items():
             out.append(f"{row:<26}" + "".join(f"{m[c]:>11.4f}" for c in cols))
+    rel = report.get("relabel")
+    if rel:
+        out.append(f"\nintent targets: relabel margin {rel['margin']:g} ({rel['chosen_by']})")
+        for r in rel.get("rows", []):
+            out.append(f"  margin {r['margin']:.2f}: seed CV acc {r['seed_cv_accuracy']:.3f}, "
+                       f"origin val acc {r['origin_val_accuracy']:.3f}, moved {r['moved']:.3f}")
     o = report["ood"]
     out.append(f"\nOOD AUROC {o['auroc']:.3f} (flagged: in-dist {o['flagged_in_distribution']:.3f}, "
                f"ood {o['flagged_ood']:.3f}) — {o['ood_set']}")

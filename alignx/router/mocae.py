@@ -729,7 +729,11 @@ class MoCaEConfig:
         fractal_mode: ``corr_integral``, ``knn``, or ``auto`` (lower validation NLL of MoCaE).
         knn_k: neighbour rank of the ``knn`` local scale.
         max_codes_per_axis: subsample per axis for the fractal epsilon-nets (query cost).
-        ood_radius: radius of the OOD test; None = the largest radius.
+        ood_radius: radius of the OOD test; None = set from ``ood_quantile``.
+        ood_quantile: with ``ood_radius`` None, the radius is this quantile of the
+            validation codes' distance to their nearest centroid, so that about
+            ``1 - ood_quantile`` of in-distribution requests are flagged; None = the largest
+            radius of the scale ladder (on real sentence features nothing is that far).
         calibration_weights: the paper's (lambda_1, lambda_2) for c_F and c_N.
         lambda_mode: ``fixed`` (paper weights) or ``fitted`` (lambda_1 by validation NLL)
             for the weights that :meth:`MoCaERouter.predict` returns.
@@ -754,6 +758,7 @@ class MoCaEConfig:
     knn_k: int = 5
     max_codes_per_axis: int | None = 4000
     ood_radius: float | None = None
+    ood_quantile: float | None = 0.99
     calibration_weights: tuple[float, float] = (0.6, 0.4)
     lambda_mode: LambdaMode = "fitted"
     lr: float = 1e-3
@@ -787,6 +792,8 @@ class MoCaEConfig:
             )
         if self.knn_k < 1:
             problems.append(f"knn_k must be >= 1, got {self.knn_k}")
+        if self.ood_quantile is not None and not 0.0 < self.ood_quantile <= 1.0:
+            problems.append(f"ood_quantile must be in (0, 1] or None, got {self.ood_quantile}")
         if problems:
             raise ValueError("invalid MoCaEConfig: " + "; ".join(problems))
 
@@ -941,7 +948,12 @@ class MoCaERouter:
             cfg.seed,
             sample_weight=sw,
         )
-        fr_val = self.fractal.log_rho(self._latent(h_val))
+        z_va = self._latent(h_val)
+        fr_val = self.fractal.log_rho(z_va)
+        if cfg.ood_radius is None and cfg.ood_quantile is not None:
+            # OOD radius from validation: ~(1 - q) of in-distribution codes lie farther out
+            self.fractal.ood_radius = float(np.quantile(fr_val["ood_score"], cfg.ood_quantile))
+            fr_val = self.fractal.log_rho(z_va)
         for mode in FRACTAL_MODES:
             # -inf (no mass) -> a very negative finite score so that 0 * inf never appears
             lr_m = np.where(np.isfinite(fr_val[mode]), fr_val[mode], -1e30)

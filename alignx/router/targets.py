@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from alignx.axes import AXES, Axis, parse_axis
 __all__ = [
     "DEFAULT_TRANSITIONS",
     "IntentTargets",
+    "MarginChoice",
+    "RELABEL_MARGINS",
+    "choose_relabel_margin",
     "build_intent_targets",
     "read_intent_prompts",
 ]
@@ -60,12 +64,26 @@ class IntentTargets:
     labels: np.ndarray
     scores: np.ndarray
     changed: np.ndarray
+    #: the allowed axis with the most propagated mass per prompt (N,), and by how much its
+    #: share beats the origin axis's (N,); ``labels`` moves a prompt to ``best`` when
+    #: ``gain > margin``
+    best: np.ndarray | None = None
+    gain: np.ndarray | None = None
 
     def transitions(self, origin: np.ndarray) -> np.ndarray:
         """Counts (A, A): row = origin axis, column = target axis."""
         n_ax = self.scores.shape[1]
         flat = np.asarray(origin) * n_ax + self.labels
         return np.bincount(flat, minlength=n_ax * n_ax).reshape(n_ax, n_ax)
+
+    def at_margin(self, origin: np.ndarray, margin: float) -> IntentTargets:
+        """The same propagation decided at another ``margin`` (no new propagation)."""
+        if self.best is None or self.gain is None:
+            raise ValueError("these targets keep no best/gain arrays to re-decide from")
+        y_o = np.asarray(origin)
+        labels = np.where(self.gain > margin, self.best, y_o)
+        return IntentTargets(labels=labels, scores=self.scores, changed=labels != y_o,
+                             best=self.best, gain=self.gain)
 
 
 def read_intent_prompts(
@@ -254,7 +272,7 @@ def build_intent_targets(
     best = masked.argmax(axis=1)
     gain = scores[np.arange(len(y_o)), best] - scores[np.arange(len(y_o)), y_o]
     labels = np.where(gain > margin, best, y_o)
-    result = IntentTargets(labels=labels, scores=scores, changed=labels != y_o)
+    result = IntentTargets(labels=labels, scores=scores, changed=labels != y_o, best=best, gain=gain)
     logger.info(
         "intent targets: %d of %d prompts relabelled; transitions (origin x target)\n%s",
         int(result.changed.sum()),
@@ -262,3 +280,116 @@ def build_intent_targets(
         result.transitions(y_o),
     )
     return result
+
+
+#: relabelling margins :func:`choose_relabel_margin` tries by default (1.0 never relabels)
+RELABEL_MARGINS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class MarginChoice:
+    """Result of :func:`choose_relabel_margin`.
+
+    Attributes:
+        margin: the chosen margin.
+        rows: one dict per tried margin: ``margin``, ``seed_cv_accuracy`` (held-out seeds,
+            intent labels), ``origin_val_accuracy`` (validation prompts, origin labels),
+            ``score`` (their mean) and ``moved`` (share of train + validation prompts
+            relabelled, averaged over folds).
+    """
+
+    margin: float
+    rows: list[dict[str, float]]
+
+
+def choose_relabel_margin(
+    h_tr: np.ndarray,
+    y_tr: np.ndarray,
+    h_va: np.ndarray,
+    y_va: np.ndarray,
+    h_seed: np.ndarray,
+    y_seed: np.ndarray,
+    fit: Callable[[np.ndarray, np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]],
+    *,
+    margins: Sequence[float] = RELABEL_MARGINS,
+    seed_weight: float = 1.0,
+    folds: int = 5,
+    seed: int = 0,
+    axes: Sequence[Axis] = AXES,
+    **propagation: Any,
+) -> MarginChoice:
+    """Choose how readily prompts leave their origin label, on validation data only.
+
+    The margin trades the two things a router is scored on: a small margin follows the seeds
+    (intent) further, a large one keeps the dataset-of-origin labels. Each margin is scored by
+    ``folds``-fold cross-validation over the seeds: the seeds of one fold are left out of the
+    propagation and of the router's training data, and the router (``fit`` on the train
+    prompts' targets + the other seeds at ``seed_weight``) is scored on
+
+    - the left-out seeds against their intent labels (``seed_cv_accuracy``), and
+    - the validation prompts against their origin labels (``origin_val_accuracy``);
+
+    the chosen margin has the highest mean of the two (ties: the smaller margin). Neither the
+    test split nor the frozen intent set is touched.
+
+    Args:
+        h_tr, y_tr: train prompt features (N, d) and origin labels (N,).
+        h_va, y_va: validation prompt features (V, d) and origin labels (V,).
+        h_seed, y_seed: seed features (S, d) and intents (S,).
+        fit: ``fit(h, y, sample_weight) -> predict``, ``predict(h) -> probs (n, A)``.
+        margins: the margins to try (each in [0, 1]).
+        seed_weight: weight of a seed in ``fit``.
+        folds: seed folds (stratified by intent; at least 2).
+        seed: fold shuffling seed.
+        axes: axis order of the integer labels.
+        **propagation: passed to :func:`build_intent_targets` (not ``margin``).
+
+    Returns:
+        The :class:`MarginChoice`.
+
+    Raises:
+        ValueError: an empty margin list, a margin outside [0, 1], fewer than 2 folds, or
+            fewer seeds of some intent than folds.
+    """
+    if not margins or any(not 0.0 <= m <= 1.0 for m in margins):
+        raise ValueError(f"margins must be a non-empty list of values in [0, 1], got {margins}")
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    y_seed = np.asarray(y_seed)
+    counts = np.bincount(y_seed, minlength=len(axes))
+    if counts.min() < folds:
+        raise ValueError(f"every intent needs >= {folds} seeds for {folds}-fold selection, "
+                         f"got {dict(zip([a.value for a in axes], counts.tolist(), strict=True))}")
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(y_seed), dtype=np.int64)
+    for a in range(len(axes)):  # stratified: each fold gets its share of every intent
+        idx = rng.permutation(np.flatnonzero(y_seed == a))
+        fold_of[idx] = np.arange(len(idx)) % folds
+    h_all = np.concatenate([h_tr, h_va])
+    y_all = np.concatenate([y_tr, y_va])
+    n_tr = len(y_tr)
+    sums = {m: np.zeros(3) for m in margins}  # seed_cv, origin_val, moved
+    for k in range(folds):
+        keep, out = fold_of != k, fold_of == k
+        base = build_intent_targets(h_all, y_all, h_seed[keep], y_seed[keep], axes=axes,
+                                    margin=0.0, **propagation)
+        for m in margins:
+            it = base.at_margin(y_all, m)
+            h_fit = np.concatenate([h_tr, h_seed[keep]])
+            y_fit = np.concatenate([it.labels[:n_tr], y_seed[keep]])
+            w = np.concatenate([np.ones(n_tr), np.full(int(keep.sum()), seed_weight)])
+            predict = fit(h_fit, y_fit, w)
+            sums[m] += (
+                float((predict(h_seed[out]).argmax(1) == y_seed[out]).mean()),
+                float((predict(h_va).argmax(1) == y_va).mean()),
+                float(it.changed.mean()),
+            )
+    rows = []
+    for m in margins:
+        cv, val, moved = sums[m] / folds
+        rows.append({"margin": float(m), "seed_cv_accuracy": cv, "origin_val_accuracy": val,
+                     "score": (cv + val) / 2, "moved": moved})
+        logger.info("relabel margin %.2f: seed CV acc %.3f, origin val acc %.3f, moved %.3f",
+                    m, cv, val, moved)
+    best = max(rows, key=lambda r: (r["score"], -r["margin"]))
+    return MarginChoice(margin=best["margin"], rows=rows)

@@ -50,6 +50,12 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 1
     assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]
     assert report["counts"]["intent_set"] >= 150 and report["counts"]["ood"] >= 30
+    # the relabelling margin is the best-scoring row of its validation selection
+    rel = report["relabel"]
+    assert rel["margin"] in [r["margin"] for r in rel["rows"]] and len(rel["rows"]) >= 2
+    assert rel["margin"] == max(rel["rows"], key=lambda r: (r["score"], -r["margin"]))["margin"]
+    assert all(0 <= r["seed_cv_accuracy"] <= 1 and 0 <= r["origin_val_accuracy"] <= 1
+               for r in rel["rows"])
     assert 0.0 <= report["ood"]["auroc"] <= 1.0
     assert (d / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 

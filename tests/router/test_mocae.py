@@ -227,6 +227,26 @@ def test_query_off_every_cluster_is_flagged_ood(fitted_router) -> None:
     np.testing.assert_allclose(router.ablation_probs(far[None])["fractal"][0], 1 / 3)
 
 
+def test_ood_radius_defaults_to_a_validation_quantile() -> None:
+    """Without an explicit radius, ~1% of validation codes lie beyond the OOD radius (the 0.99
+    quantile of their nearest-centroid distance), fresh in-distribution queries are rarely
+    flagged, and a query off every cluster is; ood_quantile=None keeps the largest radius."""
+    x_tr, y_tr = _clusters(60, seed=0)
+    x_va, y_va = _clusters(100, seed=1)
+    router = MoCaERouter(MoCaEConfig(lr=1e-2, max_epochs=30)).fit(x_tr, y_tr, x_va, y_va)
+    val = router.predict(x_va)
+    assert router.fractal.ood_radius == pytest.approx(np.quantile(val.ood_score, 0.99))
+    assert 0 < val.ood.mean() <= 0.02
+    x_te, _ = _clusters(100, seed=2)
+    assert router.predict(x_te).ood.mean() <= 0.05
+    assert router.predict(router.mean + 5.0 * np.eye(8)[5]).ood.tolist() == [True]
+    ladder = MoCaERouter(MoCaEConfig(lr=1e-2, max_epochs=30, ood_quantile=None)).fit(
+        x_tr, y_tr, x_va, y_va)
+    assert ladder.fractal.ood_radius == pytest.approx(ladder.fractal.radii[-1])
+    with pytest.raises(ValueError, match="ood_quantile"):
+        MoCaEConfig(ood_quantile=1.5)
+
+
 def test_effective_latent_dim_is_recorded(fitted_router) -> None:
     router, _, _ = fitted_router
     _, meta = router.state()

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from alignx.axes import AXES, Axis
-from alignx.router.targets import build_intent_targets, read_intent_prompts
+from alignx.router.targets import (
+    build_intent_targets,
+    choose_relabel_margin,
+    read_intent_prompts,
+)
 
 HELP, HARM, HONEST = (AXES.index(a) for a in (Axis.HELPFULNESS, Axis.HARMLESSNESS, Axis.HONESTY))
 
@@ -54,6 +58,103 @@ def test_a_large_margin_keeps_the_origin_labels(world) -> None:
     h, origin, _, seeds, y_seed = world
     res = build_intent_targets(h, origin, seeds, y_seed, margin=1.0)
     np.testing.assert_array_equal(res.labels, origin)
+
+
+def test_at_margin_redecides_without_a_new_propagation(world) -> None:
+    h, origin, _, seeds, y_seed = world
+    res = build_intent_targets(h, origin, seeds, y_seed, n_neighbors=8)
+    for m in (0.0, 0.3, 0.9, 1.0):
+        direct = build_intent_targets(h, origin, seeds, y_seed, n_neighbors=8, margin=m)
+        np.testing.assert_array_equal(res.at_margin(origin, m).labels, direct.labels)
+    assert res.at_margin(origin, 1.0).changed.sum() == 0
+
+
+def _knn_fit(calls: list, k: int = 7):
+    """A weighted k-nearest-neighbour vote router; records what it was fitted on."""
+
+    def fit(h, y, w):
+        calls.append(h)
+
+        def predict(x):
+            d = ((x[:, None, :] - h[None]) ** 2).sum(-1)  # (n, N)
+            nb = np.argsort(d, axis=1)[:, :k]
+            votes = np.zeros((len(x), 3))
+            for a in range(3):
+                votes[:, a] = (w[nb] * (y[nb] == a)).sum(1)
+            return (votes + 1e-9) / (votes + 1e-9).sum(1, keepdims=True)
+
+        return predict
+
+    return fit
+
+
+def test_margin_choice_follows_the_seeds_when_validation_labels_are_clean(world) -> None:
+    """The benign HH prompts sit in train only and out-vote the benign seeds until they are
+    relabelled; the validation prompts carry clean origin labels. The margin that relabels
+    wins on both criteria, and each row's score is the mean of the two."""
+    h, origin, group, seeds, y_seed = world
+    rng = np.random.default_rng(1)
+    h_va = np.concatenate([_blob(0, 10, rng), _blob(1, 10, rng), _blob(2, 10, rng)])
+    y_va = np.repeat([HELP, HARM, HONEST], 10)
+    # only the noisy part of the benign region: the clean Alpaca prompts are left out so that
+    # the benign seeds are out-voted when the HH prompts keep their origin label
+    tr = group != 0
+    calls: list = []
+    ch = choose_relabel_margin(h[tr], origin[tr], h_va, y_va, seeds, y_seed, _knn_fit(calls),
+                               margins=(0.0, 1.0), seed_weight=0.2, folds=5, n_neighbors=8)
+    rows = {r["margin"]: r for r in ch.rows}
+    assert set(rows) == {0.0, 1.0} and len(calls) == 2 * 5
+    assert rows[1.0]["moved"] == 0.0 and rows[0.0]["moved"] > 0.0
+    assert rows[0.0]["seed_cv_accuracy"] > rows[1.0]["seed_cv_accuracy"]
+    # the clean validation prompts of the benign region are Alpaca's: right only after the move
+    assert rows[0.0]["origin_val_accuracy"] == 1.0 > rows[1.0]["origin_val_accuracy"]
+    assert ch.margin == 0.0
+    for r in ch.rows:
+        assert r["score"] == pytest.approx((r["seed_cv_accuracy"] + r["origin_val_accuracy"]) / 2)
+
+
+def test_margin_choice_holds_the_scored_seeds_out_of_the_fit(world) -> None:
+    h, origin, _, seeds, y_seed = world
+    calls: list = []
+    fit = _knn_fit(calls)
+    seen_pred: list = []
+
+    def spy(hh, y, w):
+        predict = fit(hh, y, w)
+        fitted = {tuple(r) for r in np.round(hh, 6)}
+
+        def checked(x):
+            seen_pred.append(x)
+            if len(x) == 3:  # the held-out seeds of a fold (one per intent here)
+                assert not fitted & {tuple(r) for r in np.round(x, 6)}
+            return predict(x)
+
+        return checked
+
+    ch = choose_relabel_margin(h, origin, h[:7], origin[:7], seeds, y_seed, spy,
+                               margins=(0.5,), folds=5)
+    assert ch.margin == 0.5 and any(len(x) == 3 for x in seen_pred)
+
+
+def test_margin_ties_go_to_the_smaller_margin(world) -> None:
+    h, origin, group, seeds, y_seed = world
+    clean = group != 1  # nothing to relabel: every margin scores the same
+    ch = choose_relabel_margin(h[clean], origin[clean], h[:5], origin[:5], seeds, y_seed,
+                               _knn_fit([]), margins=(0.6, 0.2, 0.9), folds=5)
+    assert len({round(r["score"], 12) for r in ch.rows}) == 1 and ch.margin == 0.2
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"margins": ()}, "margins"),
+    ({"margins": (1.5,)}, "margins"),
+    ({"folds": 1}, "folds"),
+    ({"folds": 6}, "seeds"),
+])
+def test_margin_choice_rejects_bad_settings(world, kwargs, match) -> None:
+    h, origin, _, seeds, y_seed = world
+    with pytest.raises(ValueError, match=match):
+        choose_relabel_margin(h, origin, h[:5], origin[:5], seeds, y_seed, _knn_fit([]),
+                              **kwargs)
 
 
 def test_axis_names_are_accepted(world) -> None:
