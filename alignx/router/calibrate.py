@@ -123,40 +123,20 @@ def fit_logistic(h: np.ndarray, y: np.ndarray, h_val: np.ndarray, y_val: np.ndar
                  n_axes: int, seed: int = 0) -> Any:
     """The plain baseline of the issue: multinomial logistic regression on raw features,
     L2 strength chosen on validation NLL. Returns a callable ``h -> probs``."""
-    import torch
-
-    best = (np.inf, None)
-    x, xv = torch.from_numpy(h), torch.from_numpy(h_val)
-    t, tv = torch.from_numpy(y), torch.from_numpy(y_val)
+    best: tuple[float, Any] = (np.inf, None)
     for wd in (1e-4, 1e-3, 1e-2):
-        torch.manual_seed(seed)
-        lin = torch.nn.Linear(h.shape[1], n_axes)
-        opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure(opt=opt, lin=lin, wd=wd):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(lin(x), t) + wd * lin.weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            v = float(torch.nn.functional.cross_entropy(lin(xv), tv))
+        predict = fit_weighted_logistic(h, y, np.ones(len(y)), n_axes, weight_decay=wd, seed=seed)
+        v = rmetrics.nll(predict(h_val), y_val)
         if v < best[0]:
-            best = (v, lin)
-    lin = best[1]
-
-    def predict(hh: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.softmax(lin(torch.from_numpy(hh)), -1).numpy()
-
-    return predict
+            best = (v, predict)
+    return best[1]
 
 
 def fit_weighted_logistic(h: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
                           n_axes: int, weight_decay: float = 1e-3, seed: int = 0) -> Any:
-    """Weighted multinomial logistic regression (LBFGS) at a fixed L2 strength; the fast
-    router that :func:`~alignx.router.targets.choose_relabel_margin` refits per fold.
+    """Weighted multinomial logistic regression (LBFGS) at a fixed L2 strength: the fit of
+    :func:`fit_logistic`, and the fast router that
+    :func:`~alignx.router.targets.choose_relabel_margin` refits per fold.
     Returns a callable ``h -> probs``."""
     import torch
 

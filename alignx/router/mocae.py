@@ -948,12 +948,12 @@ class MoCaERouter:
             cfg.seed,
             sample_weight=sw,
         )
-        z_va = self._latent(h_val)
-        fr_val = self.fractal.log_rho(z_va)
+        fr_val = self.fractal.log_rho(self._latent(h_val))
         if cfg.ood_radius is None and cfg.ood_quantile is not None:
-            # OOD radius from validation: ~(1 - q) of in-distribution codes lie farther out
+            # OOD radius from validation: ~(1 - q) of in-distribution codes lie farther out;
+            # only the flag depends on the radius, so the scores are not recomputed
             self.fractal.ood_radius = float(np.quantile(fr_val["ood_score"], cfg.ood_quantile))
-            fr_val = self.fractal.log_rho(z_va)
+            fr_val["ood"] = fr_val["ood_score"] > self.fractal.ood_radius
         for mode in FRACTAL_MODES:
             # -inf (no mass) -> a very negative finite score so that 0 * inf never appears
             lr_m = np.where(np.isfinite(fr_val[mode]), fr_val[mode], -1e30)

@@ -67,8 +67,8 @@ class IntentTargets:
     #: the allowed axis with the most propagated mass per prompt (N,), and by how much its
     #: share beats the origin axis's (N,); ``labels`` moves a prompt to ``best`` when
     #: ``gain > margin``
-    best: np.ndarray | None = None
-    gain: np.ndarray | None = None
+    best: np.ndarray
+    gain: np.ndarray
 
     def transitions(self, origin: np.ndarray) -> np.ndarray:
         """Counts (A, A): row = origin axis, column = target axis."""
@@ -78,12 +78,15 @@ class IntentTargets:
 
     def at_margin(self, origin: np.ndarray, margin: float) -> IntentTargets:
         """The same propagation decided at another ``margin`` (no new propagation)."""
-        if self.best is None or self.gain is None:
-            raise ValueError("these targets keep no best/gain arrays to re-decide from")
-        y_o = np.asarray(origin)
-        labels = np.where(self.gain > margin, self.best, y_o)
-        return IntentTargets(labels=labels, scores=self.scores, changed=labels != y_o,
-                             best=self.best, gain=self.gain)
+        return _decide(np.asarray(origin), self.scores, self.best, self.gain, margin)
+
+
+def _decide(origin: np.ndarray, scores: np.ndarray, best: np.ndarray, gain: np.ndarray,
+            margin: float) -> IntentTargets:
+    """A prompt moves from its origin to ``best`` when ``gain > margin``."""
+    labels = np.where(gain > margin, best, origin)
+    return IntentTargets(labels=labels, scores=scores, changed=labels != origin, best=best,
+                         gain=gain)
 
 
 def read_intent_prompts(
@@ -271,12 +274,11 @@ def build_intent_targets(
     masked = np.where(allowed[y_o], scores, -np.inf)  # (N, A)
     best = masked.argmax(axis=1)
     gain = scores[np.arange(len(y_o)), best] - scores[np.arange(len(y_o)), y_o]
-    labels = np.where(gain > margin, best, y_o)
-    result = IntentTargets(labels=labels, scores=scores, changed=labels != y_o, best=best, gain=gain)
+    result = _decide(y_o, scores, best, gain, margin)
     logger.info(
         "intent targets: %d of %d prompts relabelled; transitions (origin x target)\n%s",
         int(result.changed.sum()),
-        len(labels),
+        len(result.labels),
         result.transitions(y_o),
     )
     return result
@@ -373,12 +375,11 @@ def choose_relabel_margin(
         keep, out = fold_of != k, fold_of == k
         base = build_intent_targets(h_all, y_all, h_seed[keep], y_seed[keep], axes=axes,
                                     margin=0.0, **propagation)
+        h_fit = np.concatenate([h_tr, h_seed[keep]])  # the same rows for every margin
+        w = np.concatenate([np.ones(n_tr), np.full(int(keep.sum()), seed_weight)])
         for m in margins:
             it = base.at_margin(y_all, m)
-            h_fit = np.concatenate([h_tr, h_seed[keep]])
-            y_fit = np.concatenate([it.labels[:n_tr], y_seed[keep]])
-            w = np.concatenate([np.ones(n_tr), np.full(int(keep.sum()), seed_weight)])
-            predict = fit(h_fit, y_fit, w)
+            predict = fit(h_fit, np.concatenate([it.labels[:n_tr], y_seed[keep]]), w)
             sums[m] += (
                 float((predict(h_seed[out]).argmax(1) == y_seed[out]).mean()),
                 float((predict(h_va).argmax(1) == y_va).mean()),
