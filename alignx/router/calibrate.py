@@ -408,6 +408,11 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "ood_set": f"{OOD_SET.name}: {len(ood_texts)} non-request texts (code, logs, data rows, "
         "math, markup, other languages, noise)",
     }
+    def ece_gap(h: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """MoCaE's ECE minus raw softmax's, with a paired-bootstrap 95% interval."""
+        rows = router.ablation_probs(h)
+        return rmetrics.ece_gap_bootstrap(rows["mocae"], rows["raw_softmax"], y, seed=cfg.seed)
+
     report = {
         "encoder": enc_id,
         "encoder_finetune": finetune,
@@ -419,6 +424,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "test_origin_labels": table(h_te, y_te, frozen[2]),
         "intent_set": table(h_set, set_y, frozen[4]),
         "ood": ood,
+        "ece_mocae_minus_raw_softmax": {"test_origin_labels": ece_gap(h_te, y_te),
+                                        "intent_set": ece_gap(h_set, set_y)},
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
                    "lambdas": [float(x) for x in router.lambdas]},
@@ -471,6 +478,10 @@ def format_report(report: dict[str, Any]) -> str:
         for r in rel.get("rows", []):
             out.append(f"  margin {r['margin']:.2f}: seed CV acc {r['seed_cv_accuracy']:.3f}, "
                        f"origin val acc {r['origin_val_accuracy']:.3f}, moved {r['moved']:.3f}")
+    for key, g in report.get("ece_mocae_minus_raw_softmax", {}).items():
+        out.append(f"ECE MoCaE - raw softmax ({key}): {g['diff']:+.4f}, paired-bootstrap 95% "
+                   f"interval [{g['ci95_low']:+.4f}, {g['ci95_high']:+.4f}], MoCaE lower in "
+                   f"{g['p_a_lower']:.0%} of resamples")
     o = report["ood"]
     out.append(f"\nOOD AUROC {o['auroc']:.3f} (flagged: in-dist {o['flagged_in_distribution']:.3f}, "
                f"ood {o['flagged_ood']:.3f}) — {o['ood_set']}")

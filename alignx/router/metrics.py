@@ -19,6 +19,7 @@ __all__ = [
     "auroc",
     "brier",
     "ece",
+    "ece_gap_bootstrap",
     "macro_f1",
     "nll",
     "reliability_bins",
@@ -148,6 +149,13 @@ class ReliabilityBins:
     count: np.ndarray
 
 
+def _bin_index(conf: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-width bin edges over [0, 1] (n_bins + 1,) and each confidence's bin (N,)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # right-closed bins: searchsorted(side="left") puts conf == edges[b+1] into bin b
+    return edges, np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+
+
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> ReliabilityBins:
     """Bin rows by top-label confidence into ``n_bins`` equal-width bins over [0, 1].
 
@@ -170,9 +178,7 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) ->
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     conf = p.max(axis=1)  # (N,)
     correct = (p.argmax(axis=1) == y).astype(np.float64)  # (N,)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # right-closed bins: searchsorted(side="left") puts conf == edges[b+1] into bin b
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)  # (N,)
+    edges, idx = _bin_index(conf, n_bins)
     count = np.bincount(idx, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
@@ -198,6 +204,65 @@ def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     filled = bins.count > 0
     gaps = np.abs(bins.accuracy[filled] - bins.confidence[filled])
     return float(np.sum(bins.count[filled] * gaps) / np.sum(bins.count))
+
+
+def _ece_resampled(conf: np.ndarray, correct: np.ndarray, idx: np.ndarray,
+                   n_bins: int) -> np.ndarray:
+    """ECE of each bootstrap resample: ``idx`` (B, N) row indices -> (B,) ECE values."""
+    b = _bin_index(conf, n_bins)[1][idx]  # (B, N)
+    flat = b + n_bins * np.arange(idx.shape[0])[:, None]  # one bin block per resample
+    size = idx.shape[0] * n_bins
+    sum_conf = np.bincount(flat.ravel(), weights=conf[idx].ravel(), minlength=size)
+    sum_acc = np.bincount(flat.ravel(), weights=correct[idx].ravel(), minlength=size)
+    # sum_b |acc_b - conf_b| n_b / N == sum_b |sum_acc_b - sum_conf_b| / N
+    return np.abs(sum_acc - sum_conf).reshape(idx.shape[0], n_bins).sum(axis=1) / idx.shape[1]
+
+
+def ece_gap_bootstrap(probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray,
+                      n_bins: int = 15, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Paired bootstrap of ``ECE(a) - ECE(b)`` on the same rows (is ``a`` better calibrated?).
+
+    Rows are resampled with replacement, the same rows for both systems, so the interval is
+    about the difference, not each ECE on its own. ECE on ~1,000 rows has a sampling spread of
+    about a point, the size of the gaps the router report compares.
+
+    Args:
+        probs_a: class probabilities of system a (N, A).
+        probs_b: class probabilities of system b (N, A).
+        labels: true classes (N,).
+        n_bins: equal-width confidence bins (15 in the router report).
+        n_boot: bootstrap resamples (>= 100).
+        seed: resampling seed.
+
+    Returns:
+        ``{"ece_a", "ece_b", "diff", "ci95_low", "ci95_high", "p_a_lower"}``: the two ECEs and
+        their difference on all rows, the 2.5/97.5 percentiles of the resampled difference, and
+        the share of resamples where ``a`` has the lower ECE.
+
+    Raises:
+        ValueError: for mismatched shapes, empty input, out-of-range labels, ``n_bins < 1``
+            or ``n_boot < 100``.
+    """
+    if np.shape(probs_a) != np.shape(probs_b):
+        raise ValueError(f"probs_a and probs_b must have the same shape, got "
+                         f"{np.shape(probs_a)} and {np.shape(probs_b)}")
+    pa, y = _check(probs_a, labels)
+    pb, _ = _check(probs_b, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if n_boot < 100:
+        raise ValueError(f"n_boot must be >= 100 for a 95% interval, got {n_boot}")
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))  # (B, N)
+    gaps = []
+    for p in (pa, pb):
+        conf = p.max(axis=1)
+        correct = (p.argmax(axis=1) == y).astype(np.float64)
+        gaps.append(_ece_resampled(conf, correct, idx, n_bins))
+    d = gaps[0] - gaps[1]  # (B,)
+    ea, eb = ece(pa, y, n_bins), ece(pb, y, n_bins)
+    return {"ece_a": ea, "ece_b": eb, "diff": ea - eb,
+            "ci95_low": float(np.percentile(d, 2.5)), "ci95_high": float(np.percentile(d, 97.5)),
+            "p_a_lower": float(np.mean(d < 0))}
 
 
 def selective_accuracy(probs: np.ndarray, labels: np.ndarray, coverage: float = 0.9) -> float:

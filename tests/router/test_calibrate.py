@@ -57,6 +57,12 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     assert all(0 <= r["seed_cv_accuracy"] <= 1 and 0 <= r["origin_val_accuracy"] <= 1
                for r in rel["rows"])
     assert 0.0 <= report["ood"]["auroc"] <= 1.0
+    # the ECE comparison is MoCaE's own row against raw softmax's, on the same prompts
+    for key in ("test_origin_labels", "intent_set"):
+        g = report["ece_mocae_minus_raw_softmax"][key]
+        assert g["ece_a"] == pytest.approx(report[key]["mocae"]["ece"])
+        assert g["ece_b"] == pytest.approx(report[key]["raw_softmax"]["ece"])
+        assert g["ci95_low"] <= g["ci95_high"] and 0 <= g["p_a_lower"] <= 1
     assert (d / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -97,3 +97,43 @@ def test_bad_parameters() -> None:
         metrics.ece(PROBS, LABELS, n_bins=0)
     with pytest.raises(ValueError, match="scores_neg"):
         metrics.auroc([1.0], [])
+
+
+def _confidences(conf: np.ndarray) -> np.ndarray:
+    """Two-class probabilities whose top label is class 0 with the given confidence."""
+    return np.stack([conf, 1.0 - conf], axis=1)
+
+
+def test_ece_gap_bootstrap_resamples_match_the_plain_ece() -> None:
+    rng = np.random.default_rng(3)
+    probs = _confidences(rng.uniform(0.5, 1.0, 300))
+    labels = (rng.uniform(size=300) > probs[:, 0]).astype(np.int64)  # calibrated by design
+    idx = rng.integers(0, 300, size=(5, 300))
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    fast = metrics._ece_resampled(conf, correct, idx, 15)
+    slow = [metrics.ece(probs[i], labels[i]) for i in idx]
+    np.testing.assert_allclose(fast, slow, atol=1e-12)
+
+
+def test_ece_gap_bootstrap_prefers_the_calibrated_system() -> None:
+    rng = np.random.default_rng(0)
+    p_true = rng.uniform(0.5, 1.0, 2000)
+    labels = (rng.uniform(size=2000) > p_true).astype(np.int64)  # class 0 with prob p_true
+    calibrated = _confidences(p_true)
+    overconfident = _confidences(np.minimum(p_true + 0.15, 0.999))
+    gap = metrics.ece_gap_bootstrap(calibrated, overconfident, labels, n_boot=300)
+    assert gap["diff"] == pytest.approx(gap["ece_a"] - gap["ece_b"])
+    assert gap["ece_a"] < 0.03 < 0.1 < gap["ece_b"]
+    assert gap["ci95_low"] <= gap["diff"] <= gap["ci95_high"] < 0
+    assert gap["p_a_lower"] == 1.0
+    # the same system against itself: no difference in any resample
+    same = metrics.ece_gap_bootstrap(calibrated, calibrated, labels, n_boot=100)
+    assert same["ci95_low"] == same["ci95_high"] == 0.0 and same["p_a_lower"] == 0.0
+
+
+def test_ece_gap_bootstrap_bad_input() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.ece_gap_bootstrap(PROBS, PROBS[:, :1], LABELS)
+    with pytest.raises(ValueError, match="n_boot"):
+        metrics.ece_gap_bootstrap(PROBS, PROBS, LABELS, n_boot=10)
