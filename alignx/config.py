@@ -120,6 +120,12 @@ class TrainCfg(_Section):
     threads_per_worker: int | None = Field(
         None, ge=1, description="torch intra-op threads per worker; default: its CPU share, at least 1."
     )
+    multitask: bool = Field(
+        True, description="`alignx run` also trains the multi-task LoRA baseline (one adapter on "
+        "every axis's data, as many steps as the experts together): the interference baseline of "
+        "the stage-1 report and the `multitask` eval system. false skips it (about half the "
+        "pipeline's training compute); the experts do not depend on it.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainCfg:
@@ -357,6 +363,9 @@ class AlignXConfig(_Section):
             raise ValueError(f"data.sources has no source for axes {missing}")
         if self.router.fallback not in self.axes:
             raise ValueError(f"router.fallback={self.router.fallback.value!r} is not one of axes")
+        if not self.train.multitask and "multitask" in self.eval.systems:
+            raise ValueError("eval.systems includes 'multitask' but train.multitask=false: set "
+                             "train.multitask=true or drop multitask from eval.systems")
         k = self.baselines.h3fusion.gate_top_k
         if k is not None and k > len(self.axes):
             raise ValueError(f"baselines.h3fusion.gate_top_k={k} exceeds the {len(self.axes)} axes "
@@ -374,6 +383,7 @@ class AlignXConfig(_Section):
         """Hash of the sections a stage's output depends on (a finished stage with the same
         hash is not redone by the pipeline)."""
         d = self.model_dump(mode="json")
+        d["train"].pop("multitask", None)  # whether the baseline is trained changes no expert
         keep = {k: d.get(k) for k in _STAGE_SECTIONS[stage]}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -96,8 +96,8 @@ def _done(cfg: AlignXConfig, path: Path, stage: str) -> bool:
 
 
 def run_pipeline(cfg: AlignXConfig, force: bool = False, evaluate: bool = True) -> None:
-    """prepare -> train all axes (+ multi-task) -> stage-1 report -> calibrate the router
-    -> H3Fusion baseline gates -> deploy on Serve + evaluate every system -> report.
+    """prepare -> train all axes (+ multi-task unless ``train.multitask`` is false) -> stage-1
+    report -> calibrate the router -> H3Fusion baseline gates -> deploy on Serve + evaluate every system -> report.
 
     Every stage is skipped when its output exists and was made from the same config sections.
 
@@ -116,8 +116,9 @@ def run_pipeline(cfg: AlignXConfig, force: bool = False, evaluate: bool = True) 
     publish(cfg, layout.config_path)
     log.info("[1/6] prepare data -> %s", layout.root / "data")
     run_prepare(cfg)
-    log.info("[2/6] train %d experts concurrently + multi-task baseline", len(cfg.axes))
-    run_train(cfg, list(cfg.axes), multitask=True, force=force)
+    log.info("[2/6] train %d experts concurrently%s", len(cfg.axes),
+             " + multi-task baseline" if cfg.train.multitask else " (train.multitask=false)")
+    run_train(cfg, list(cfg.axes), multitask=cfg.train.multitask, force=force)
     if not force and _done(cfg, layout.stage1_report, "train"):
         log.info("[3/6] stage-1 report is up to date; skipping")
     else:

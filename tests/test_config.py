@@ -75,6 +75,16 @@ def test_stage_hash_ignores_unrelated_sections():
     assert a.stage_hash("train") != b.stage_hash("train")
 
 
+def test_skipping_the_multitask_baseline_keeps_the_experts_stage_hashes():
+    a = load_config(None, ["eval.systems=[alignx,base]"])
+    b = load_config(None, ["eval.systems=[alignx,base]", "train.multitask=false"])
+    assert a.train.multitask and not b.train.multitask
+    for stage in ("train", "calibrate", "evaluate"):
+        assert a.stage_hash(stage) == b.stage_hash(stage), stage
+    with pytest.raises(AlignXConfigError, match="train.multitask=true or drop multitask"):
+        load_config(None, ["train.multitask=false"])  # the default eval.systems has multitask
+
+
 def test_config_roundtrips_through_worker_dict():
     cfg = load_config(None, ["train.deepspeed.zero_stage=3"])
     again = AlignXConfig.model_validate(cfg.model_dump(mode="json"))

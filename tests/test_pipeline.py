@@ -51,10 +51,12 @@ def test_rerun_skips_finished_stages(tiny_run, monkeypatch):
     out = run_train(tiny_run, list(AXES), multitask=True)
     assert set(out) == {*[a.value for a in AXES], MULTITASK}
     assert {a: layout.load_adapter_manifest(a).created_at for a in before} == before
-    # the whole pipeline again: every stage is finished, nothing is recomputed
+    # the whole pipeline again: every stage is finished, nothing is recomputed. The tiny run
+    # has no evaluation (tests/eval covers the evaluation's own skip), and this test must not
+    # add one to the shared run.
     monkeypatch.setattr(interference, "stage1_report", boom)
     monkeypatch.setattr(calibrate, "calibrate_router", boom)
-    run_pipeline(tiny_run)
+    run_pipeline(tiny_run, evaluate=False)
 
 
 # ----------------------------------------------------------------------------- interrupted

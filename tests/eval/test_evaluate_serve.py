@@ -91,6 +91,9 @@ def test_four_models_are_evaluated_in_parallel(ray_local, tmp_path):
         "train.scaling.cpus_per_worker=0.1", "eval.systems=[alignx,base]",
         "eval.prompts_per_axis=1", "eval.max_tokens=4", "eval.bootstrap_samples=20",
         "eval.cost=false", "eval.validate_judges=false", "eval.serve_port=8341",
+        # the multi-task baseline and the encoder fine-tune have their own tests; here they
+        # would be half the training runs and four fine-tunes on 2 cores
+        "train.multitask=false", "router.finetune_epochs=0",
     ], run_dir=str(tmp_path / "four"))
     comparison = evaluate_models(cfg, models)
     assert comparison["models"] == models and not comparison["failed"]
@@ -101,6 +104,7 @@ def test_four_models_are_evaluated_in_parallel(ray_local, tmp_path):
         assert report["model"] == m
         assert report["generation"]["via"].endswith(f"/{m}")  # its own route prefix
         assert report["systems"]["alignx"]["mc1"]["n"] == 1
+        assert not (tmp_path / "four" / m / "adapters" / "multitask").exists()  # not trained
     assert (tmp_path / "four" / "comparison.md").read_text().count("| tiny-") == 8
     assert (tmp_path / "four" / "comparison.png").is_file()
     apps = serve.status().applications
