@@ -97,7 +97,8 @@ def _done(cfg: AlignXConfig, path: Path, stage: str) -> bool:
 
 def run_pipeline(cfg: AlignXConfig, force: bool = False, evaluate: bool = True) -> None:
     """prepare -> train all axes (+ multi-task unless ``train.multitask`` is false) -> stage-1
-    report -> calibrate the router -> H3Fusion baseline gates -> deploy on Serve + evaluate every system -> report.
+    report -> calibrate the router -> H3Fusion baseline gates -> deploy on Serve + evaluate
+    every system -> report.
 
     Every stage is skipped when its output exists and was made from the same config sections.
 

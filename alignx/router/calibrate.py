@@ -408,9 +408,10 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "ood_set": f"{OOD_SET.name}: {len(ood_texts)} non-request texts (code, logs, data rows, "
         "math, markup, other languages, noise)",
     }
-    def ece_gap(h: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    abl_te, abl_set = router.ablation_probs(h_te), router.ablation_probs(h_set)
+
+    def ece_gap(rows: dict[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
         """MoCaE's ECE minus raw softmax's, with a paired-bootstrap 95% interval."""
-        rows = router.ablation_probs(h)
         return rmetrics.ece_gap_bootstrap(rows["mocae"], rows["raw_softmax"], y, seed=cfg.seed)
 
     report = {
@@ -424,15 +425,14 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "test_origin_labels": table(h_te, y_te, frozen[2]),
         "intent_set": table(h_set, set_y, frozen[4]),
         "ood": ood,
-        "ece_mocae_minus_raw_softmax": {"test_origin_labels": ece_gap(h_te, y_te),
-                                        "intent_set": ece_gap(h_set, set_y)},
+        "ece_mocae_minus_raw_softmax": {"test_origin_labels": ece_gap(abl_te, y_te),
+                                        "intent_set": ece_gap(abl_set, set_y)},
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
                    "lambdas": [float(x) for x in router.lambdas]},
         "note": "all rows are chosen on validation; test and intent set are reported once",
     }
-    abl = router.ablation_probs(h_te)
-    reliability_png({"raw softmax": abl["raw_softmax"], "MoCaE": router.predict(h_te).weights},
+    reliability_png({"raw softmax": abl_te["raw_softmax"], "MoCaE": abl_te["mocae"]},
                     y_te, out_dir / "reliability.png",
                     f"router reliability, test split ({cfg.router.encoder} encoder"
                     f"{', fine-tuned' if finetune else ''})")

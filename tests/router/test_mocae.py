@@ -202,6 +202,8 @@ def test_separated_clusters_are_routed_correctly(fitted_router) -> None:
         "mocae",
     ):
         assert metrics.accuracy(rows[name], y_te) == 1.0, name
+    # the report's "mocae" row is what serving routes with
+    np.testing.assert_allclose(rows["mocae"], res.weights, atol=1e-12)
 
 
 def test_weights_are_a_distribution(fitted_router) -> None:
