@@ -20,6 +20,7 @@ __all__ = [
     "brier",
     "ece",
     "ece_gap_bootstrap",
+    "ece_if_calibrated",
     "macro_f1",
     "nll",
     "reliability_bins",
@@ -206,16 +207,61 @@ def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     return float(np.sum(bins.count[filled] * gaps) / np.sum(bins.count))
 
 
+def _ece_rows(b: np.ndarray, conf: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:
+    """ECE of each of B row sets at once: bins, confidences, correctness (B, N) -> (B,)."""
+    flat = b + n_bins * np.arange(b.shape[0])[:, None]  # one bin block per row set
+    size = b.shape[0] * n_bins
+    sum_conf = np.bincount(flat.ravel(), weights=conf.ravel(), minlength=size)
+    sum_acc = np.bincount(flat.ravel(), weights=correct.ravel(), minlength=size)
+    # sum_b |acc_b - conf_b| n_b / N == sum_b |sum_acc_b - sum_conf_b| / N
+    return np.abs(sum_acc - sum_conf).reshape(b.shape[0], n_bins).sum(axis=1) / b.shape[1]
+
+
 def _ece_resampled(conf: np.ndarray, correct: np.ndarray, idx: np.ndarray,
                    n_bins: int) -> np.ndarray:
     """ECE of each bootstrap resample: ``idx`` (B, N) row indices -> (B,) ECE values."""
-    b = _bin_index(conf, n_bins)[1][idx]  # (B, N)
-    flat = b + n_bins * np.arange(idx.shape[0])[:, None]  # one bin block per resample
-    size = idx.shape[0] * n_bins
-    sum_conf = np.bincount(flat.ravel(), weights=conf[idx].ravel(), minlength=size)
-    sum_acc = np.bincount(flat.ravel(), weights=correct[idx].ravel(), minlength=size)
-    # sum_b |acc_b - conf_b| n_b / N == sum_b |sum_acc_b - sum_conf_b| / N
-    return np.abs(sum_acc - sum_conf).reshape(idx.shape[0], n_bins).sum(axis=1) / idx.shape[1]
+    return _ece_rows(_bin_index(conf, n_bins)[1][idx], conf[idx], correct[idx], n_bins)
+
+
+def ece_if_calibrated(probs: np.ndarray, n_bins: int = 15, n_sim: int = 2000,
+                      seed: int = 0) -> dict[str, float]:
+    """The ECE a perfectly calibrated system with these confidences would show on these rows.
+
+    The binned ECE is biased upwards: with finitely many rows, each bin's accuracy scatters
+    around its confidence even when the system is calibrated. This keeps every row's top-label
+    confidence ``c``, draws "correct" with probability ``c`` (the calibrated hypothesis), and
+    measures the ECE, ``n_sim`` times. A measured ECE above the ``p95`` is evidence of
+    miscalibration; one below it cannot be told from sampling noise. No labels are needed.
+
+    Args:
+        probs: class probabilities (N, A).
+        n_bins: equal-width confidence bins (15 in the router report).
+        n_sim: simulated label draws (>= 100).
+        seed: seed of the draws.
+
+    Returns:
+        ``{"mean", "p95"}`` of the simulated ECE.
+
+    Raises:
+        ValueError: for empty or non-2-D input, ``n_bins < 1`` or ``n_sim < 100``.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise ValueError(f"probs must be a non-empty (N, A) array, got shape {p.shape}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if n_sim < 100:
+        raise ValueError(f"n_sim must be >= 100 for a 95th percentile, got {n_sim}")
+    conf = p.max(axis=1)  # (N,)
+    rng = np.random.default_rng(seed)
+    sims = []
+    for start in range(0, n_sim, 500):  # bound the (S, N) temporaries
+        s = min(500, n_sim - start)
+        correct = (rng.random((s, len(conf))) < conf).astype(np.float64)  # (S, N)
+        b = np.broadcast_to(_bin_index(conf, n_bins)[1], correct.shape)
+        sims.append(_ece_rows(b, np.broadcast_to(conf, correct.shape), correct, n_bins))
+    e = np.concatenate(sims)
+    return {"mean": float(e.mean()), "p95": float(np.percentile(e, 95))}
 
 
 def ece_gap_bootstrap(probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray,

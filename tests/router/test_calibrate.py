@@ -15,6 +15,7 @@ import pytest
 
 from alignx.artifacts import ArtifactMismatchError, ArtifactNotFoundError, read_json
 from alignx.axes import AXES
+from alignx.router.calibrate import format_report
 from alignx.router.features import weights_digest
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,15 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
         assert g["ece_a"] == pytest.approx(report[key]["mocae"]["ece"])
         assert g["ece_b"] == pytest.approx(report[key]["raw_softmax"]["ece"])
         assert g["ci95_low"] <= g["ci95_high"] and 0 <= g["p_a_lower"] <= 1
+        # the sampling-noise floor of each system's ECE on these prompts
+        floors = report["ece_if_calibrated"][key]
+        assert set(floors) == {"mocae", "raw_softmax"}
+        assert all(0 <= f["mean"] <= f["p95"] < 1 for f in floors.values())
     assert (d / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    text = format_report(report)  # what `alignx calibrate` prints
+    for key in ("test_origin_labels", "intent_set"):
+        assert f"ECE MoCaE - raw softmax ({key})" in text
+        assert f"perfectly calibrated MoCaE would show ({key}" in text
 
 
 def test_route_cli_outputs_one_json_line_per_prompt(calibrated, tmp_path):

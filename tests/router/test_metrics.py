@@ -137,3 +137,33 @@ def test_ece_gap_bootstrap_bad_input() -> None:
         metrics.ece_gap_bootstrap(PROBS, PROBS[:, :1], LABELS)
     with pytest.raises(ValueError, match="n_boot"):
         metrics.ece_gap_bootstrap(PROBS, PROBS, LABELS, n_boot=10)
+
+
+def test_ece_if_calibrated_matches_the_ece_of_labels_drawn_from_the_confidences() -> None:
+    rng = np.random.default_rng(5)
+    probs = _confidences(rng.uniform(0.5, 1.0, 400))
+    null = metrics.ece_if_calibrated(probs, n_sim=400, seed=1)
+    # the same experiment by hand: labels drawn from the confidences, plain ECE each time
+    draws = [metrics.ece(probs, (rng.uniform(size=400) > probs[:, 0]).astype(np.int64))
+             for _ in range(400)]
+    assert null["mean"] == pytest.approx(np.mean(draws), rel=0.1)
+    assert 0 < null["mean"] < null["p95"]
+    # the floor shrinks with more rows, and a certain system has none
+    big = metrics.ece_if_calibrated(_confidences(rng.uniform(0.5, 1.0, 4000)), n_sim=200)
+    assert big["mean"] < null["mean"] / 2
+    assert metrics.ece_if_calibrated(_confidences(np.ones(50)), n_sim=100) == {
+        "mean": 0.0, "p95": 0.0}
+
+
+def test_ece_if_calibrated_separates_calibrated_from_overconfident() -> None:
+    rng = np.random.default_rng(0)
+    p_true = rng.uniform(0.5, 1.0, 1000)
+    labels = (rng.uniform(size=1000) > p_true).astype(np.int64)
+    over = _confidences(np.minimum(p_true + 0.1, 0.999))
+    assert metrics.ece(_confidences(p_true), labels) <= metrics.ece_if_calibrated(
+        _confidences(p_true))["p95"]
+    assert metrics.ece(over, labels) > metrics.ece_if_calibrated(over)["p95"]
+    with pytest.raises(ValueError, match="n_sim"):
+        metrics.ece_if_calibrated(PROBS, n_sim=10)
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.ece_if_calibrated(np.zeros((0, 3)))
