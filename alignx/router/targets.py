@@ -265,12 +265,15 @@ def build_intent_targets(
     scores = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)  # (N, A)
 
     # the allowed axis with the most mass wins if it beats the origin by `margin`
-    allowed = np.zeros((n_ax, n_ax), dtype=bool)  # [origin, target]
+    # (transitions name all three axes; a run on a subset of them uses the part inside it)
+    allowed = np.eye(n_ax, dtype=bool)  # [origin, target]; staying is always allowed
     for o_axis, targets in transitions.items():
+        if parse_axis(o_axis) not in axes:
+            continue
         o = axes.index(parse_axis(o_axis))
-        allowed[o, o] = True
         for t in targets:
-            allowed[o, axes.index(parse_axis(t))] = True
+            if parse_axis(t) in axes:
+                allowed[o, axes.index(parse_axis(t))] = True
     masked = np.where(allowed[y_o], scores, -np.inf)  # (N, A)
     best = masked.argmax(axis=1)
     gain = scores[np.arange(len(y_o)), best] - scores[np.arange(len(y_o)), y_o]

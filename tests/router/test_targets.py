@@ -54,6 +54,16 @@ def test_benign_prompts_of_the_harmful_source_become_helpfulness(world) -> None:
     assert trans[HARM, HELP] == 20 and trans.sum() == len(h)
 
 
+def test_a_run_on_two_axes_uses_the_transitions_inside_them(world) -> None:
+    h, origin, group, seeds, y_seed = world
+    keep, seed_keep = origin != HONEST, y_seed != HONEST  # helpfulness + harmlessness only
+    res = build_intent_targets(h[keep], origin[keep], seeds[seed_keep], y_seed[seed_keep],
+                               axes=[Axis.HELPFULNESS, Axis.HARMLESSNESS], n_neighbors=8)
+    g = group[keep]
+    assert res.scores.shape == (int(keep.sum()), 2) and set(res.labels) <= {HELP, HARM}
+    assert (res.labels[g == 1] == HELP).all() and (res.labels[g == 2] == HARM).all()
+
+
 def test_a_large_margin_keeps_the_origin_labels(world) -> None:
     h, origin, _, seeds, y_seed = world
     res = build_intent_targets(h, origin, seeds, y_seed, margin=1.0)
