@@ -250,8 +250,33 @@ def _to_generation(key: str, system: str, p: EvalPrompt, resp: dict[str, Any]) -
     )
 
 
+def stored_generations(
+    store: GenerationStore,
+    systems: Sequence[str],
+    prompts: dict[Axis, list[EvalPrompt]],
+    settings: dict[str, Any],
+) -> tuple[dict[str, dict[str, Generation]], list[tuple[str, str, EvalPrompt]]]:
+    """Split the evaluation into stored answers and what is still to ask.
+
+    Returns:
+        ``({system: {uid: Generation}}`` of the stored answers, ``[(system, key, prompt)]`` of
+        the missing ones).
+    """
+    out: dict[str, dict[str, Generation]] = {s: {} for s in systems}
+    todo: list[tuple[str, str, EvalPrompt]] = []
+    for system in systems:
+        for p in (p for ps in prompts.values() for p in ps):
+            key = generation_key(system, p, settings)
+            got = store.get(key)
+            if got is not None:
+                out[system][p.uid] = got
+            else:
+                todo.append((system, key, p))
+    return out, todo
+
+
 def generate_all(
-    client: ServeClient,
+    client: ServeClient | None,
     store: GenerationStore,
     systems: Sequence[str],
     prompts: dict[Axis, list[EvalPrompt]],
@@ -262,7 +287,7 @@ def generate_all(
     """Answer every prompt with every system, reusing stored answers.
 
     Args:
-        client: the Serve app client.
+        client: the Serve app client; None when every answer is stored already.
         store: where answers are appended (and resumed from).
         systems: model ids to query.
         prompts: the test prompts by axis.
@@ -277,21 +302,14 @@ def generate_all(
     Raises:
         RuntimeError: some requests failed after their retries (the answers that did
             arrive are stored; rerunning resumes).
+        ValueError: answers are missing and ``client`` is None.
     """
     from tqdm.auto import tqdm
 
-    flat = [p for ps in prompts.values() for p in ps]
-    out: dict[str, dict[str, Generation]] = {s: {} for s in systems}
-    todo: list[tuple[str, str, EvalPrompt]] = []
-    for system in systems:
-        for p in flat:
-            key = generation_key(system, p, settings)
-            got = store.get(key)
-            if got is not None:
-                out[system][p.uid] = got
-            else:
-                todo.append((system, key, p))
-    total = len(flat) * len(systems)
+    out, todo = stored_generations(store, systems, prompts, settings)
+    if todo and client is None:
+        raise ValueError(f"{len(todo)} answers are not stored yet and no app was given to ask")
+    total = sum(len(ps) for ps in prompts.values()) * len(systems)
     bar = tqdm(total=total, initial=total - len(todo), desc=f"generate ({len(systems)} systems)",
                unit="ans", disable=not progress, dynamic_ncols=True)
     failures: list[str] = []

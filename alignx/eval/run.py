@@ -110,6 +110,7 @@ def evaluate(
         generate_all,
         load_eval_prompts,
         score_systems,
+        stored_generations,
     )
     from alignx.eval.judges import build_judges
     from alignx.eval.report import markdown_table, write_report
@@ -125,35 +126,48 @@ def evaluate(
     judges = build_judges(cfg.eval.judges, data_dir=data_dir,
                           cache_path=out_dir / "judge_cache.jsonl")
     store = GenerationStore(out_dir / "generations.jsonl")
+    settings = _generation_settings(cfg)
     deployed = None
-    if url is None:
-        from alignx.serve.deploy import deploy
+    via = url
+    if url is None and not stored_generations(store, systems, prompts, settings)[1]:
+        # every answer is stored (a rescoring: new judges, bootstrap, MC): no app to deploy
+        try:
+            via = read_json(report_path(cfg))["generation"]["via"]
+        except (OSError, ValueError, KeyError, TypeError):  # no (readable) earlier report
+            via = "an earlier deployment"
+        log.info("every answer is stored (%s); scoring them without deploying the app", via)
+        gens = generate_all(None, store, systems, prompts, settings, cfg.eval.concurrency,
+                            progress)
+    else:
+        if url is None:
+            from alignx.serve.deploy import deploy
 
-        url = deploy(cfg, systems)
-        deployed = cfg.eval.app_name
-    try:
-        client = ServeClient(url, api_key, cfg.eval.request_timeout_s)
-        served = set(client.models())
-        missing = [s for s in systems if s not in served]
-        if missing:
-            raise ValueError(f"the app at {url} does not serve {missing} (it serves "
-                             f"{sorted(served)}); drop them from eval.systems or deploy them")
-        gens = generate_all(client, store, systems, prompts, _generation_settings(cfg),
-                            cfg.eval.concurrency, progress)
-    finally:
-        if deployed and not cfg.eval.keep_serving:
-            from alignx.serve.deploy import undeploy
+            via = url = deploy(cfg, systems)
+            deployed = cfg.eval.app_name
+        try:
+            client = ServeClient(url, api_key, cfg.eval.request_timeout_s)
+            served = set(client.models())
+            missing = [s for s in systems if s not in served]
+            if missing:
+                raise ValueError(f"the app at {url} does not serve {missing} (it serves "
+                                 f"{sorted(served)}); drop them from eval.systems or deploy "
+                                 "them")
+            gens = generate_all(client, store, systems, prompts, settings,
+                                cfg.eval.concurrency, progress)
+        finally:
+            if deployed and not cfg.eval.keep_serving:
+                from alignx.serve.deploy import undeploy
 
-            undeploy(deployed)
+                undeploy(deployed)
     mc = None
     if cfg.eval.mc and Axis.HONESTY in prompts:
         from alignx.eval.mc import MCCache, mc_scores
 
         qs = prompts[Axis.HONESTY][: cfg.eval.mc_questions or None]
-        settings = {k: v for k, v in _generation_settings(cfg).items()
-                    if k not in ("max_tokens", "temperature", "calibrate")}  # the scorers' inputs
+        mc_settings = {k: v for k, v in settings.items()
+                       if k not in ("max_tokens", "temperature", "calibrate")}  # scorers' inputs
         mc = mc_scores(systems, qs, gens, scorer_loader or default_scorer_loader(cfg), progress,
-                       cache=MCCache(out_dir / "mc_cache.jsonl", settings))
+                       cache=MCCache(out_dir / "mc_cache.jsonl", mc_settings))
     rows = score_systems(cfg, judges, prompts, gens, mc)
     judge_ids = judges.ids()
     report: dict[str, Any] = {
@@ -162,7 +176,7 @@ def evaluate(
         "config_hash": cfg.stage_hash("evaluate"),
         "prompts_per_axis": {a.value: len(p) for a, p in prompts.items()},
         "generation": {"max_tokens": cfg.eval.max_tokens, "temperature": cfg.eval.temperature,
-                       "via": url},
+                       "via": via},
         "judges": judge_ids,
         "fake_judges": [a for a, j in judge_ids.items() if j.startswith("fake")],
         "systems": rows,
@@ -259,12 +273,10 @@ def evaluate_models(cfg: AlignXConfig, models: list[str], force: bool = False,
     @ray.remote(num_cpus=0)
     class PipelineRunner:
         def run(self, c: AlignXConfig, force: bool) -> str:
-            import logging as _logging
-
             from alignx import envs
             from alignx.pipeline import run_pipeline
 
-            _logging.basicConfig(level=envs.log_level())
+            envs.setup_logging()
             run_pipeline(c, force=force)
             return str(report_path(c))
 
@@ -278,7 +290,7 @@ def evaluate_models(cfg: AlignXConfig, models: list[str], force: bool = False,
         try:
             ray.get(ref)
         except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others
-            failed[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            failed[m] = failure_summary(e)
             log.error("pipeline for %s failed: %s", m, e)
     reports = {m: read_json(report_path(c)) for m, c in cfgs.items()
                if m not in failed and report_path(c).is_file()}
@@ -293,6 +305,15 @@ def evaluate_models(cfg: AlignXConfig, models: list[str], force: bool = False,
         raise RuntimeError(f"pipelines failed for {sorted(failed)}: {failed}; the others' "
                            f"results are in {root / 'comparison.md'}")
     return comparison
+
+
+def failure_summary(e: BaseException) -> str:
+    """One line naming what failed: the error raised inside the Ray actor (a ``RayTaskError``'s
+    own first line only names the actor and its pid)."""
+    cause = getattr(e, "cause", None)
+    err = cause if isinstance(cause, BaseException) else e
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def merge_reports(reports: dict[str, dict[str, Any]], failed: dict[str, str] | None = None

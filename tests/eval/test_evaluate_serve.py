@@ -19,17 +19,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_run, tmp_path_factory):
-    """A copy of the tiny run taken through the pipeline's last two stages (H3Fusion gates,
-    deploy + evaluate) with every system and the offline judges."""
+def evaluated(gated_run, tmp_path_factory):
+    """A copy of the tiny run with its H3Fusion gates (the session's ``gated_run``, so the
+    pipeline finds that stage finished) taken through deploy + evaluate with every system
+    and the offline judges."""
     from alignx.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("evaluated") / "run"
-    shutil.copytree(tiny_run.run_dir, run_dir)
+    shutil.copytree(gated_run[0].run_dir, run_dir)
     cfg = load_config(run_dir / "config.yaml", [
         "eval.prompts_per_axis=2", "eval.max_tokens=8", "eval.bootstrap_samples=50",
         "eval.cost_prompts=2", "eval.concurrency=2", "eval.serve_port=8341",
-        "baselines.h3fusion.steps=2",
     ], run_dir=str(run_dir))
     run_pipeline(cfg)
     return cfg
@@ -63,7 +63,9 @@ def test_every_system_is_evaluated_over_http_and_reported(evaluated):
     assert (out / "scores.png").stat().st_size > 1000 and (out / "cost.png").is_file()
 
 
-def test_a_finished_evaluation_is_not_redone_and_answers_are_reused(evaluated, capsys):
+def test_a_finished_evaluation_is_not_redone_and_answers_are_reused(evaluated, capsys,
+                                                                    monkeypatch):
+    import alignx.serve.deploy as deploy
     from alignx.eval.run import evaluate
     from alignx.pipeline import run_pipeline
 
@@ -73,11 +75,20 @@ def test_a_finished_evaluation_is_not_redone_and_answers_are_reused(evaluated, c
     run_pipeline(evaluated)  # every stage up to date
     assert (out / "report.json").stat().st_mtime_ns == mtime
     assert "| alignx |" in capsys.readouterr().out  # the table is printed again
-    # a changed scoring setting rescores from the stored answers: no new generations
+    # a changed scoring setting rescores from the stored answers: no new generations, and no
+    # app is deployed to ask nothing
+    via = json.loads((out / "report.json").read_text())["generation"]["via"]
+
+    def no_deploy(*a, **k):
+        raise AssertionError("the app was deployed although every answer is stored")
+
+    monkeypatch.setattr(deploy, "deploy", no_deploy)
     cfg = evaluated.model_copy(update={"eval": evaluated.eval.model_copy(
         update={"bootstrap_samples": 60, "cost": False, "mc": False})})
-    evaluate(cfg, progress=False)
+    report = evaluate(cfg, progress=False)
     assert (out / "generations.jsonl").read_text() == before
+    assert report["generation"]["via"] == via  # where the stored answers came from
+    assert list(report["systems"]) == list(evaluated.eval.systems)  # every system rescored
 
 
 def test_four_models_are_evaluated_in_parallel(ray_local, tmp_path):
@@ -92,10 +103,11 @@ def test_four_models_are_evaluated_in_parallel(ray_local, tmp_path):
         "eval.prompts_per_axis=1", "eval.max_tokens=4", "eval.bootstrap_samples=20",
         "eval.cost=false", "eval.validate_judges=false", "eval.serve_port=8341",
         # 0.5 CPU per training worker: at most 4 runs start at once on 2 cores (0.1 let all 12
-        # start together: 937 s against 754 s). The multi-task baseline and the encoder
-        # fine-tune have their own tests; here they would be half the training runs and four
-        # fine-tunes on 2 cores.
-        "train.multitask=false", "router.finetune_epochs=0",
+        # start together: 937 s against 754 s). The multi-task baseline, the encoder fine-tune
+        # and the third axis are covered by the one-model tests (tiny_run, `evaluated`); here
+        # each costs four more training runs or processes on 2 cores. Two axes still give
+        # every model a routed app of two experts.
+        "train.multitask=false", "router.finetune_epochs=0", "axes=[helpfulness,harmlessness]",
     ], run_dir=str(tmp_path / "four"))
     comparison = evaluate_models(cfg, models)
     assert comparison["models"] == models and not comparison["failed"]
@@ -105,7 +117,8 @@ def test_four_models_are_evaluated_in_parallel(ray_local, tmp_path):
         report = json.loads((tmp_path / "four" / m / "eval" / "report.json").read_text())
         assert report["model"] == m
         assert report["generation"]["via"].endswith(f"/{m}")  # its own route prefix
-        assert report["systems"]["alignx"]["mc1"]["n"] == 1
+        assert report["systems"]["alignx"]["safety_score"]["n"] == 1
+        assert report["prompts_per_axis"] == {"helpfulness": 1, "harmlessness": 1}
         assert not (tmp_path / "four" / m / "adapters" / "multitask").exists()  # not trained
     assert (tmp_path / "four" / "comparison.md").read_text().count("| tiny-") == 8
     assert (tmp_path / "four" / "comparison.png").is_file()

@@ -23,6 +23,7 @@ from alignx.eval.harness import (
     hh_text,
     load_eval_prompts,
     score_systems,
+    stored_generations,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,6 +167,14 @@ def test_generation_resumes_after_failures_and_only_asks_what_is_missing(app_url
     assert sorted(_App.calls) == [("alignx", "write 3"), ("base", "write 3")]
     assert gens["base"]["h3"].text == "base says write 3"
     assert gens["alignx"]["t0"].routed_axis == "honesty"
+    # everything is stored now: no client is needed; with one answer missing, it is
+    done, todo = stored_generations(store2, ["alignx", "base"], _prompts(), settings)
+    assert not todo and sum(map(len, done.values())) == 12
+    again = generate_all(None, store2, ["alignx", "base"], _prompts(), settings, 2, False)
+    assert again["base"]["h3"].text == "base says write 3"
+    with pytest.raises(ValueError, match="12 answers are not stored yet and no app"):
+        generate_all(None, store2, ["alignx", "base"], _prompts(), {**settings, "max_tokens": 9},
+                     2, progress=False)
     # a changed setting invalidates the stored answers
     p = _prompts()[Axis.HELPFULNESS][0]
     assert generation_key("base", p, settings) != generation_key(
@@ -400,6 +409,17 @@ def test_merge_reports_over_models():
         ("tiny-llama", "alignx", 60.0), ("tiny-gemma", "alignx", 60.0)]
     md = comparison_markdown(comp)
     assert "| tiny-gemma | alignx | 60.0 |" in md and "**tiny-mistral failed**: OOM" in md
+
+
+def test_a_failed_pipeline_is_summarised_by_the_error_raised_in_its_actor():
+    from ray.exceptions import RayTaskError
+
+    from alignx.eval.run import failure_summary
+
+    inner = ValueError("router.fallback='honesty' is not one of axes\nmore detail")
+    wrapped = RayTaskError("PipelineRunner.run", "Traceback ...", inner)
+    assert failure_summary(wrapped) == "ValueError: router.fallback='honesty' is not one of axes"
+    assert failure_summary(OSError("disk full")) == "OSError: disk full"
 
 
 def test_model_config_gives_each_model_its_own_run_and_app(tmp_path):
