@@ -35,11 +35,7 @@ examples:
 def _setup_logging() -> None:
     from alignx import envs
 
-    logging.basicConfig(
-        level=envs.log_level(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    envs.setup_logging()
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

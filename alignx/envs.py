@@ -27,6 +27,15 @@ def log_level() -> str:
     return os.environ.get("ALIGNX_LOG_LEVEL", "INFO").upper()
 
 
+def setup_logging() -> None:
+    """Timestamped log lines at :func:`log_level`, the same in the CLI and in the Ray tasks and
+    actors that run a stage (a no-op where logging is configured already)."""
+    import logging
+
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", datefmt="%H:%M:%S")
+
+
 #: Variables every Ray process of ours gets (see ENVIRONMENT.md for why each matters).
 RAY_ENV_DEFAULTS: dict[str, str] = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

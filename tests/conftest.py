@@ -124,6 +124,20 @@ def tiny_run(ray_local, tmp_path_factory):
     return cfg
 
 
+@pytest.fixture(scope="session")
+def gated_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run (tests must not modify ``tiny_run``) with trained H3Fusion gates:
+    ``(cfg, gates manifest)``. Tests must not modify it either; copy it to change it."""
+    import shutil
+
+    from alignx.baselines.h3fusion import train_h3fusion
+
+    run = tmp_path_factory.mktemp("h3f") / "run"
+    shutil.copytree(tiny_run.run_dir, run, ignore=shutil.ignore_patterns("ray_train"))
+    cfg = tiny_run.model_copy(update={"run_dir": str(run)})
+    return cfg, train_h3fusion(cfg)
+
+
 class S3Server:
     """A running S3-compatible server on loopback with one bucket (see ``s3_server``)."""
 

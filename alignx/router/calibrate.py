@@ -235,8 +235,7 @@ def _finetune_task(*args: Any, **kwargs: Any) -> Any:
     from alignx import envs
     from alignx.router.finetune import finetune_sentence_encoder
 
-    logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s", datefmt="%H:%M:%S")
+    envs.setup_logging()
     return finetune_sentence_encoder(*args, **kwargs)
 
 

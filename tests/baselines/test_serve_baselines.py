@@ -4,8 +4,6 @@ over HTTP, and the served h3fusion generates exactly what the shared in-process 
 
 from __future__ import annotations
 
-import shutil
-
 import httpx
 import pytest
 
@@ -16,17 +14,6 @@ pytestmark = pytest.mark.slow
 PORT = 8320
 APP = "alignx-baselines"
 PROMPT = "Is it true that bulls hate the colour red?"
-
-
-@pytest.fixture(scope="module")
-def gated_run(tiny_run, tmp_path_factory):
-    """A copy of the tiny run (tests must not modify ``tiny_run``) with trained h3fusion gates."""
-    from alignx.baselines.h3fusion import train_h3fusion
-
-    run = tmp_path_factory.mktemp("h3f") / "run"
-    shutil.copytree(tiny_run.run_dir, run, ignore=shutil.ignore_patterns("ray_train"))
-    cfg = tiny_run.model_copy(update={"run_dir": str(run)})
-    return cfg, train_h3fusion(cfg)
 
 
 @pytest.fixture(scope="module")
