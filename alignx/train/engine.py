@@ -16,6 +16,7 @@ restored with DeepSpeed's own per-rank checkpoint files, frozen base weights exc
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,12 +33,27 @@ if TYPE_CHECKING:
 DS_TAG = "state"
 
 
+def _interpreter_tools_first() -> None:
+    """Put this interpreter's ``bin/`` (the venv's ``ninja``) first on PATH.
+
+    DeepSpeed JIT-builds its ops with whichever ``ninja`` PATH finds. Two ninja versions (the
+    venv's pip ``ninja`` and a system one) each read the other's build log as stale, so a
+    process whose PATH lacks the venv would rebuild the CPU comm op (~25 s, measured), and the
+    next one would rebuild it back. Pinning the venv's makes every process agree.
+    """
+    tools = str(Path(sys.executable).parent)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[:1] != [tools]:
+        os.environ["PATH"] = os.pathsep.join([tools, *(p for p in parts if p != tools)])
+
+
 def _import_deepspeed(use_gpu: bool | None = None) -> Any:
     # The accelerator is chosen once, at DeepSpeed's first use; pin it before the import so a
     # CPU worker never probes for CUDA (and a GPU worker never falls back to CPU silently).
     if use_gpu is None:
         use_gpu = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    _interpreter_tools_first()
     return require("deepspeed")
 
 
@@ -190,6 +206,7 @@ def prebuild_cpu_ops() -> None:
     the same compile (CI does this once; see ENVIRONMENT.md).
     """
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _interpreter_tools_first()
     require("deepspeed")
     from deepspeed.accelerator import get_accelerator
 

@@ -140,3 +140,18 @@ def test_builder_does_not_import_deepspeed() -> None:
         "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_interpreters_tools_come_first_on_path(monkeypatch) -> None:
+    import os
+    import sys
+    from pathlib import Path
+
+    from alignx.train import engine
+
+    tools = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", tools, "/bin"]))
+    engine._interpreter_tools_first()
+    assert os.environ["PATH"].split(os.pathsep) == [tools, "/usr/bin", "/bin"]
+    engine._interpreter_tools_first()  # already first: unchanged
+    assert os.environ["PATH"].split(os.pathsep) == [tools, "/usr/bin", "/bin"]
