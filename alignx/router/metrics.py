@@ -253,13 +253,14 @@ def ece_if_calibrated(probs: np.ndarray, n_bins: int = 15, n_sim: int = 2000,
     if n_sim < 100:
         raise ValueError(f"n_sim must be >= 100 for a 95th percentile, got {n_sim}")
     conf = p.max(axis=1)  # (N,)
+    bins = _bin_index(conf, n_bins)[1]  # (N,): the confidences, hence the bins, never change
     rng = np.random.default_rng(seed)
     sims = []
     for start in range(0, n_sim, 500):  # bound the (S, N) temporaries
         s = min(500, n_sim - start)
         correct = (rng.random((s, len(conf))) < conf).astype(np.float64)  # (S, N)
-        b = np.broadcast_to(_bin_index(conf, n_bins)[1], correct.shape)
-        sims.append(_ece_rows(b, np.broadcast_to(conf, correct.shape), correct, n_bins))
+        sims.append(_ece_rows(np.broadcast_to(bins, correct.shape),
+                              np.broadcast_to(conf, correct.shape), correct, n_bins))
     e = np.concatenate(sims)
     return {"mean": float(e.mean()), "p95": float(np.percentile(e, 95))}
 

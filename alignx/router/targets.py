@@ -268,12 +268,12 @@ def build_intent_targets(
     # (transitions name all three axes; a run on a subset of them uses the part inside it)
     allowed = np.eye(n_ax, dtype=bool)  # [origin, target]; staying is always allowed
     for o_axis, targets in transitions.items():
-        if parse_axis(o_axis) not in axes:
+        o_ax = parse_axis(o_axis)
+        if o_ax not in axes:
             continue
-        o = axes.index(parse_axis(o_axis))
-        for t in targets:
-            if parse_axis(t) in axes:
-                allowed[o, axes.index(parse_axis(t))] = True
+        for t_ax in (parse_axis(t) for t in targets):
+            if t_ax in axes:
+                allowed[axes.index(o_ax), axes.index(t_ax)] = True
     masked = np.where(allowed[y_o], scores, -np.inf)  # (N, A)
     best = masked.argmax(axis=1)
     gain = scores[np.arange(len(y_o)), best] - scores[np.arange(len(y_o)), y_o]

@@ -205,9 +205,7 @@ def prebuild_cpu_ops() -> None:
     Call it before starting several CPU trainers at once, so their workers do not all wait on
     the same compile (CI does this once; see ENVIRONMENT.md).
     """
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    _interpreter_tools_first()
-    require("deepspeed")
+    _import_deepspeed(use_gpu=False)
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().create_op_builder("ShareMemCommBuilder").load()
