@@ -95,14 +95,21 @@ class SentenceEncoder:
 
 
 class BaseModelEncoder:
-    """Mean-pooled last hidden state of the frozen base model over the prompt's tokens."""
+    """Mean-pooled last hidden state of the frozen base model over the prompt's tokens.
 
-    def __init__(self, model_cfg: ModelCfg, model=None, tokenizer=None, max_tokens: int = 256):
+    Args:
+        length_sorted: batch prompts of similar token length together (False: input order,
+            the baseline of ``bench/base_encoder_batching.py``).
+    """
+
+    def __init__(self, model_cfg: ModelCfg, model=None, tokenizer=None, max_tokens: int = 256,
+                 length_sorted: bool = True):
         from alignx.modeling import load_base
 
         if model is None or tokenizer is None:
             model, tokenizer = load_base(model_cfg)
         self.model, self.tok, self.max_tokens = model, tokenizer, max_tokens
+        self.length_sorted = length_sorted
         self.id = encoder_id("base", model_cfg)
         self.dim = int(model.config.hidden_size)
 
@@ -113,20 +120,30 @@ class BaseModelEncoder:
             return self._encode(texts, batch_size)
 
     def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-        out = []
+        # Batches of similar length (longest first), so that a short prompt never pays for a
+        # long one's padding; rows go back to input order. Right padding + the attention mask
+        # keep every prompt's features independent of its batch (tested).
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        if not texts:
+            return out
+        ids = self.tok(texts, truncation=True, max_length=self.max_tokens,
+                       add_special_tokens=False)["input_ids"]
+        order = (np.argsort([-len(x) for x in ids], kind="stable") if self.length_sorted
+                 else np.arange(len(ids)))
         device = next(self.model.parameters()).device
-        for i in range(0, len(texts), batch_size):
-            enc = self.tok(
-                list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
-                truncation=True, max_length=self.max_tokens, add_special_tokens=False,
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            enc = self.tok.pad(
+                {"input_ids": [ids[j] for j in rows]}, return_tensors="pt",
                 padding_side="right",  # causal LM: pads after the text keep positions exact
             ).to(device)
             # Base model, never an adapter: h(x) must not depend on which expert is loaded.
             hidden = self.model(**enc, output_hidden_states=True).hidden_states[-1]  # (B, T, d)
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
-            out.append(pooled.float().cpu().numpy())
-        return np.concatenate(out, axis=0) if out else np.zeros((0, self.dim), np.float32)
+            out[rows] = pooled.float().cpu().numpy()
+        return out
 
 
 FINETUNED_WEIGHTS = "encoder/model.safetensors"  # relative to the router directory

@@ -26,6 +26,16 @@ def test_base_encoder_is_padding_invariant_and_shaped():
     assert enc.id == "base:tiny-llama"
 
 
+def test_base_encoder_length_sorted_batches_keep_input_order():
+    enc = BaseModelEncoder(ModelCfg(name="tiny-llama"))
+    texts = ["mid length prompt here", "x", "the longest prompt of them all by quite a way",
+             "two words", "a b c d e f g"]
+    batched = enc.encode(texts, batch_size=2)  # sorted by length inside, 3 batches
+    one_by_one = np.concatenate([enc.encode([t]) for t in texts])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    assert enc.encode([]).shape == (0, enc.dim)
+
+
 def test_sentence_encoder_is_unit_norm_and_semantic():
     enc = build_encoder("sentence", ModelCfg(name="tiny-llama"))
     x = enc.encode(["How do I bake bread?", "Give me a bread recipe.", "Quantum chromodynamics"])
