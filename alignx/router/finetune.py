@@ -130,53 +130,58 @@ def finetune_sentence_encoder(
     n_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    enc = encoder if encoder is not None else SentenceEncoder(device=device)
-    st = enc.model  # SentenceTransformer: Transformer -> mean Pooling -> Normalize
-    dev = next(st.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(enc.dim, n_axes)
-    with torch.no_grad():
-        head.weight.uniform_(-(enc.dim**-0.5), enc.dim**-0.5, generator=gen)
-        head.bias.zero_()
-    head.to(dev)
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in st.parameters() if p.requires_grad], "lr": lr},
-         {"params": head.parameters(), "lr": head_lr}], weight_decay=weight_decay)
-    cls_w = torch.tensor(_balanced_weights(train_y, n_axes), dtype=torch.float32, device=dev)
-    _balanced_weights(val_y, n_axes)  # validation needs every axis too (raises otherwise)
-    # the router's own validation objective (MoCaERouter.fit): every axis counts the same
-    w_val = torch.from_numpy(_prior_weights(val_y, n_axes, "balanced")).to(dev)
-    t_tr, t_val = torch.from_numpy(train_y).to(dev), torch.from_numpy(val_y).to(dev)
-    # sentence-transformers >= 6 renamed tokenize() to preprocess()
-    prep = getattr(st, "preprocess", None) or st.tokenize
-
-    def embed(texts: Sequence[str]) -> torch.Tensor:  # (B, dim), the serving path's pooling
-        feats = prep(list(texts))
-        feats = {k: v.to(dev) if hasattr(v, "to") else v for k, v in feats.items()}
-        return st(feats)["sentence_embedding"]
-
-    def val_nll() -> tuple[float, float]:
-        st.eval()
-        with torch.no_grad():
-            logits = torch.cat([head(embed(val_texts[i : i + 128]))
-                                for i in range(0, len(val_texts), 128)])
-        st.train()
-        ce = torch.nn.functional.cross_entropy(logits, t_val, reduction="none").double()
-        acc = float((logits.argmax(1) == t_val).double().mul(w_val).sum())
-        return float((ce * w_val).sum()), acc
-
-    steps_per_epoch = math.ceil(len(train_texts) / batch_size)
-    total = max(1, round(epochs * steps_per_epoch))
-    every = max(1, steps_per_epoch // max(1, evals_per_epoch))
-    rng = np.random.default_rng(seed)
-    order = np.zeros(0, dtype=np.int64)
-    nll0, acc0 = val_nll()
-    curve = [{"step": 0, "epoch": 0.0, "val_nll": nll0, "val_balanced_acc": acc0}]
-    best_nll, best_step, best_state = math.inf, 0, None  # step 0's head is untrained
-    log.info("fine-tuning the sentence encoder: %d steps of %d texts (%.2f epochs)",
-             total, batch_size, epochs)
-    st.train()
+    rng_state = torch.get_rng_state()  # restored in `finally`
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
+        enc = encoder if encoder is not None else SentenceEncoder(device=device)
+        st = enc.model  # SentenceTransformer: Transformer -> mean Pooling -> Normalize
+        dev = next(st.parameters()).device
+        # dropout (and the head's default init) draw from torch's global RNG: seed it, so that a
+        # fine-tune is reproducible for its seed; the caller gets its RNG state back at the end
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        head = torch.nn.Linear(enc.dim, n_axes)
+        with torch.no_grad():
+            head.weight.uniform_(-(enc.dim**-0.5), enc.dim**-0.5, generator=gen)
+            head.bias.zero_()
+        head.to(dev)
+        opt = torch.optim.AdamW(
+            [{"params": [p for p in st.parameters() if p.requires_grad], "lr": lr},
+             {"params": head.parameters(), "lr": head_lr}], weight_decay=weight_decay)
+        cls_w = torch.tensor(_balanced_weights(train_y, n_axes), dtype=torch.float32, device=dev)
+        _balanced_weights(val_y, n_axes)  # validation needs every axis too (raises otherwise)
+        # the router's own validation objective (MoCaERouter.fit): every axis counts the same
+        w_val = torch.from_numpy(_prior_weights(val_y, n_axes, "balanced")).to(dev)
+        t_tr, t_val = torch.from_numpy(train_y).to(dev), torch.from_numpy(val_y).to(dev)
+        # sentence-transformers >= 6 renamed tokenize() to preprocess()
+        prep = getattr(st, "preprocess", None) or st.tokenize
+
+        def embed(texts: Sequence[str]) -> torch.Tensor:  # (B, dim), the serving path's pooling
+            feats = prep(list(texts))
+            feats = {k: v.to(dev) if hasattr(v, "to") else v for k, v in feats.items()}
+            return st(feats)["sentence_embedding"]
+
+        def val_nll() -> tuple[float, float]:
+            st.eval()
+            with torch.no_grad():
+                logits = torch.cat([head(embed(val_texts[i : i + 128]))
+                                    for i in range(0, len(val_texts), 128)])
+            st.train()
+            ce = torch.nn.functional.cross_entropy(logits, t_val, reduction="none").double()
+            acc = float((logits.argmax(1) == t_val).double().mul(w_val).sum())
+            return float((ce * w_val).sum()), acc
+
+        steps_per_epoch = math.ceil(len(train_texts) / batch_size)
+        total = max(1, round(epochs * steps_per_epoch))
+        every = max(1, steps_per_epoch // max(1, evals_per_epoch))
+        rng = np.random.default_rng(seed)
+        order = np.zeros(0, dtype=np.int64)
+        nll0, acc0 = val_nll()
+        curve = [{"step": 0, "epoch": 0.0, "val_nll": nll0, "val_balanced_acc": acc0}]
+        best_nll, best_step, best_state = math.inf, 0, None  # step 0's head is untrained
+        log.info("fine-tuning the sentence encoder: %d steps of %d texts (%.2f epochs)",
+                 total, batch_size, epochs)
+        st.train()
         for step in range(1, total + 1):
             if len(order) < batch_size:
                 order = np.concatenate([order, rng.permutation(len(train_texts))])
@@ -201,6 +206,9 @@ def finetune_sentence_encoder(
         features = [enc.encode(list(b)) for b in blocks]
     finally:
         torch.set_num_threads(n_threads)
+        torch.set_rng_state(rng_state)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     state = {k: v.detach().cpu().contiguous().numpy() for k, v in best_state.items()}
     log.info("encoder fine-tuned: best step %d of %d (val NLL %.4f), %.0f s",
              best_step, total, best_nll, time.time() - t0)
