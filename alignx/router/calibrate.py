@@ -433,6 +433,12 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                                         "intent_set": ece_gap(abl_set, set_y)},
         "ece_if_calibrated": {"test_origin_labels": ece_floor(abl_te),
                               "intent_set": ece_floor(abl_set)},
+        # which axis's routing confidence is off; validation is in-sample for the calibrators
+        "calibration_by_predicted_axis": {
+            name: rmetrics.calibration_by_predicted_class(p, y, [a.value for a in axes])
+            for name, p, y in (("validation_in_sample", router.predict(h_va).weights, t_va),
+                               ("test_origin_labels", abl_te["mocae"], y_te),
+                               ("intent_set", abl_set["mocae"], set_y))},
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
                    "lambdas": [float(x) for x in router.lambdas]},
@@ -492,6 +498,13 @@ def format_report(report: dict[str, Any]) -> str:
         f = floors["mocae"]
         out.append(f"ECE a perfectly calibrated MoCaE would show ({key}, sampling noise alone): "
                    f"mean {f['mean']:.4f}, 95th percentile {f['p95']:.4f}")
+    by_axis = report.get("calibration_by_predicted_axis", {})
+    if by_axis:
+        out.append("\nMoCaE confidence / accuracy by predicted axis (n predictions)")
+        for key, rows in by_axis.items():
+            cells = [f"{ax} {r['confidence']:.3f} / {r['accuracy']:.3f} ({r['n']})"
+                     if r["n"] else f"{ax} - (0)" for ax, r in rows.items()]
+            out.append(f"  {key:<21} " + "; ".join(cells))
     o = report["ood"]
     out.append(f"\nOOD AUROC {o['auroc']:.3f} (flagged: in-dist {o['flagged_in_distribution']:.3f}, "
                f"ood {o['flagged_ood']:.3f}) — {o['ood_set']}")

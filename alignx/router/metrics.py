@@ -18,6 +18,7 @@ __all__ = [
     "accuracy",
     "auroc",
     "brier",
+    "calibration_by_predicted_class",
     "ece",
     "ece_gap_bootstrap",
     "ece_if_calibrated",
@@ -205,6 +206,45 @@ def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     filled = bins.count > 0
     gaps = np.abs(bins.accuracy[filled] - bins.confidence[filled])
     return float(np.sum(bins.count[filled] * gaps) / np.sum(bins.count))
+
+
+def calibration_by_predicted_class(
+    probs: np.ndarray, labels: np.ndarray, names: list[str] | None = None
+) -> dict[str, dict[str, float | None]]:
+    """Mean top-label confidence against accuracy among the rows predicted as each class.
+
+    ECE pools every prediction; this splits it by the class the router chose, which shows
+    *which* expert's routing confidence is off (e.g. "honesty" predictions right 90% of the
+    time at a mean confidence of 0.85). A class predicted nowhere gets ``n = 0`` and Nones.
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+        names: one name per class (default "0", "1", ...).
+
+    Returns:
+        ``{name: {"n", "confidence", "accuracy", "gap"}}`` with gap = confidence - accuracy
+        (> 0: over-confident); JSON-ready (None, not NaN, for an empty class).
+
+    Raises:
+        ValueError: for mismatched shapes, empty input, out-of-range labels or a wrong number
+            of names.
+    """
+    p, y = _check(probs, labels)
+    names = [str(i) for i in range(p.shape[1])] if names is None else list(names)
+    if len(names) != p.shape[1]:
+        raise ValueError(f"names has {len(names)} entries for {p.shape[1]} classes")
+    pred, conf = p.argmax(axis=1), p.max(axis=1)
+    out: dict[str, dict[str, float | None]] = {}
+    for a, name in enumerate(names):
+        m = pred == a
+        n = int(m.sum())
+        if n == 0:
+            out[name] = {"n": 0, "confidence": None, "accuracy": None, "gap": None}
+            continue
+        c, acc = float(conf[m].mean()), float((y[m] == a).mean())
+        out[name] = {"n": n, "confidence": c, "accuracy": acc, "gap": c - acc}
+    return out
 
 
 def _ece_rows(b: np.ndarray, conf: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:

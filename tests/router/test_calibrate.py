@@ -68,8 +68,15 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
         floors = report["ece_if_calibrated"][key]
         assert set(floors) == {"mocae", "raw_softmax"}
         assert all(0 <= f["mean"] <= f["p95"] < 1 for f in floors.values())
+    # per predicted axis: every prediction counted once, on every split
+    by_axis = report["calibration_by_predicted_axis"]
+    assert set(by_axis) == {"validation_in_sample", "test_origin_labels", "intent_set"}
+    assert sum(r["n"] for r in by_axis["test_origin_labels"].values()) == report["counts"]["test"]
+    assert sum(r["n"] for r in by_axis["intent_set"].values()) == report["counts"]["intent_set"]
+    assert list(by_axis["intent_set"]) == manifest["axes"]
     assert (d / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     text = format_report(report)  # what `alignx calibrate` prints
+    assert "by predicted axis" in text and "validation_in_sample" in text
     for key in ("test_origin_labels", "intent_set"):
         assert f"ECE MoCaE - raw softmax ({key})" in text
         assert f"perfectly calibrated MoCaE would show ({key}" in text

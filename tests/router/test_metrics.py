@@ -167,3 +167,21 @@ def test_ece_if_calibrated_separates_calibrated_from_overconfident() -> None:
         metrics.ece_if_calibrated(PROBS, n_sim=10)
     with pytest.raises(ValueError, match="non-empty"):
         metrics.ece_if_calibrated(np.zeros((0, 3)))
+
+
+def test_calibration_by_predicted_class_by_hand() -> None:
+    # predicted 0: rows 0 (right, 0.7) and 3 (wrong, 0.5); predicted 1: row 1 (right, 0.6);
+    # predicted 2: row 2 (wrong, 0.4)
+    out = metrics.calibration_by_predicted_class(PROBS, LABELS, ["help", "harm", "honest"])
+    assert list(out) == ["help", "harm", "honest"]
+    assert out["help"]["n"] == 2
+    assert out["help"]["confidence"] == pytest.approx(0.6)
+    assert out["help"]["accuracy"] == pytest.approx(0.5)
+    assert out["help"]["gap"] == pytest.approx(0.1)
+    assert out["harm"] == pytest.approx({"n": 1, "confidence": 0.6, "accuracy": 1.0, "gap": -0.4})
+    assert out["honest"] == pytest.approx({"n": 1, "confidence": 0.4, "accuracy": 0.0, "gap": 0.4})
+    # a class nobody predicts has no confidence to report (None keeps the report valid JSON)
+    never = metrics.calibration_by_predicted_class(PROBS[:2], LABELS[:2])
+    assert never["2"] == {"n": 0, "confidence": None, "accuracy": None, "gap": None}
+    with pytest.raises(ValueError, match="names has 2 entries for 3 classes"):
+        metrics.calibration_by_predicted_class(PROBS, LABELS, ["a", "b"])
