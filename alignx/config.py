@@ -180,6 +180,11 @@ class RouterCfg(_Section):
         "auto", description="Fractal score: literal correlation integral, kNN local scale, or auto "
         "(the lower validation NLL).",
     )
+    fractal_bias: bool = Field(
+        False, description="Fit a per-axis log-offset of the fractal calibrator with its "
+        "temperature on validation NLL (the axes' density scores are not on one scale); false = "
+        "temperature only. The report shows the other setting as an ablation row.",
+    )
     ood_quantile: float | None = Field(
         0.99, gt=0, le=1, description="OOD radius = this quantile of the validation prompts' "
         "distance to the nearest calibration centroid (~1% of in-distribution requests flagged "

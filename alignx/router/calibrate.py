@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -350,20 +351,22 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     use_seeds = cfg.router.targets == "intent"
     mcfg = MoCaEConfig(
         latent_dim=cfg.router.latent_dim, epsilon=cfg.router.epsilon,
-        fractal_mode=cfg.router.fractal_mode, ood_quantile=cfg.router.ood_quantile,
+        fractal_mode=cfg.router.fractal_mode, fractal_bias=cfg.router.fractal_bias,
+        ood_quantile=cfg.router.ood_quantile,
         calibration_weights=tuple(cfg.router.calibration_weights),  # type: ignore[arg-type]
         lambda_mode=cfg.router.lambda_mode, seed=cfg.seed,
     )
 
-    def fit(h_tr: np.ndarray, h_va: np.ndarray, h_seed: np.ndarray, tuned: bool) -> Any:
+    def fit(h_tr: np.ndarray, h_va: np.ndarray, h_seed: np.ndarray, tuned: bool,
+            **overrides: Any) -> Any:
         h_fit, t_fit, sample_weight = h_tr, t_tr, None
         weight = cfg.router.seed_weight_for(tuned)
         if use_seeds and weight > 0:
             h_fit = np.concatenate([h_tr, h_seed])
             t_fit = np.concatenate([t_tr, seed_y])
             sample_weight = np.concatenate([np.ones(len(t_tr)), np.full(len(seed_y), weight)])
-        return MoCaERouter(mcfg, axes=axes).fit(h_fit, t_fit, h_va, t_va,
-                                                sample_weight=sample_weight)
+        return MoCaERouter(replace(mcfg, **overrides), axes=axes).fit(
+            h_fit, t_fit, h_va, t_va, sample_weight=sample_weight)
 
     # the plain baseline of the issue: logistic regression on the frozen encoder's features
     frozen = (h_tr, h_va, h_te, h_seed, h_set, h_ood)
@@ -389,11 +392,17 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     # 4. fit (choices on validation) and report once on test / intent set / OOD
     router = fit(h_tr, h_va, h_seed, finetuned)
     router_frozen = fit(frozen[0], frozen[1], frozen[3], False) if finetuned else None
+    # the same router with the other fractal_bias setting (per-axis offsets of c_F or T_F only),
+    # reported as an ablation row
+    alt_bias = not mcfg.fractal_bias
+    router_alt_bias = fit(h_tr, h_va, h_seed, finetuned, fractal_bias=alt_bias)
 
     def table(h: np.ndarray, y: np.ndarray, h_frozen: np.ndarray) -> dict[str, dict[str, float]]:
         rows = {"logistic_origin_baseline": _scores(logistic(h_frozen), y)}
         if router_frozen is not None:
             rows["mocae_frozen_encoder"] = router_frozen.evaluate(h_frozen, y)["mocae"]
+        rows[f"mocae_{'with' if alt_bias else 'without'}_fractal_bias"] = (
+            router_alt_bias.evaluate(h, y)["mocae"])
         return {**rows, **router.evaluate(h, y)}
 
     res_in = router.predict(np.concatenate([h_te, h_set]))

@@ -19,6 +19,8 @@ METHOD.md "Measured caveats"), and the literal form stays available as an ablati
 * the fractal calibrator has two modes, ``corr_integral`` (the literal multi-scale
   correlation-integral score) and ``knn`` (k-nearest-neighbour local scale), chosen on
   validation NLL;
+* optionally (``fractal_bias``, off by default), c_F gets a per-axis log-offset ``b_a`` fitted
+  with ``T_F`` on validation NLL, since the axes' density scores are not on one scale;
 * each calibrator's sharpness is fitted on validation NLL: ``T`` (router), ``T_F`` (c_F),
   ``tau_N`` (c_N), and ``T_pool`` on the lambda-mixture, because a linear pool of two
   calibrated distributions is under-confident where they disagree (``mocae_paper`` is the
@@ -53,6 +55,7 @@ __all__ = [
     "epsilon_net",
     "fisher_rao_barycentre",
     "fisher_rao_distance",
+    "fit_scale_bias",
     "fit_temperature",
     "route",
 ]
@@ -284,9 +287,11 @@ class FractalCalibrator:
     r = 0.8 to 1 at r = 1.6), so the Grassberger-Procaccia D_a are unreliable there; a shared
     exponent also stops one axis from being favoured by its dimension estimate alone.
 
-    In both modes ``c_F = rho^{1/T_F} / sum_a rho_a^{1/T_F}`` with ``T_F`` fitted on
-    validation NLL (``T_F = 1`` is the literal form), and ``ood`` is raised, with c_F uniform,
-    when z has no mass in any axis within ``ood_radius`` (default: the largest radius).
+    In both modes ``c_F = softmax(log rho / T_F + b)``: ``T_F`` and the per-axis log-offsets
+    ``b`` (b_0 = 0) are fitted on validation NLL (``T_F = 1, b = 0`` is the literal form
+    ``rho_a / sum rho``; with ``fractal_bias`` off only T_F is fitted). ``ood`` is raised,
+    with c_F uniform, when z has no mass in any axis within ``ood_radius`` (default: the
+    largest radius).
 
     Attributes:
         centroids: epsilon-net centroids of all axes, stacked axis by axis (L, k).
@@ -300,6 +305,7 @@ class FractalCalibrator:
         knn_k: k of the kNN local scale.
         ood_radius: radius of the OOD test.
         temperature: T_F per mode.
+        bias: per-axis log-offset b (A,) per mode; a mode without one uses b = 0.
     """
 
     centroids: np.ndarray
@@ -313,6 +319,7 @@ class FractalCalibrator:
     knn_k: int
     ood_radius: float
     temperature: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in FRACTAL_MODES})
+    bias: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._sqn = np.einsum("ij,ij->i", self.centroids, self.centroids).astype(np.float32)
@@ -465,7 +472,7 @@ class FractalCalibrator:
         return out
 
     def probs(self, log_rho: np.ndarray, ood: np.ndarray, mode: FractalMode) -> np.ndarray:
-        """c_F = rho^{1/T_F} normalised over axes; uniform where ``ood``.
+        """c_F = softmax(log rho / T_F + b) over axes; uniform where ``ood``.
 
         Args:
             log_rho: (N, A) log-scores of ``mode`` from :meth:`log_rho`.
@@ -475,7 +482,7 @@ class FractalCalibrator:
         Returns:
             c_F (N, A), rows summing to 1.
         """
-        return _fractal_probs(log_rho, ood, self.temperature[mode])
+        return _fractal_probs(log_rho, ood, self.temperature[mode], self.bias.get(mode))
 
 
 def _levina_bickel(probe: np.ndarray, cloud: np.ndarray, k: int) -> float:
@@ -748,6 +755,10 @@ class MoCaEConfig:
             so the router does not inherit the sizes of the source datasets (traffic mix is
             unknown at calibration time); ``empirical`` weighs every prompt equally.
         seed: seed of initialisation, shuffling and subsampling.
+        fractal_bias: fit a per-axis log-offset b of c_F jointly with T_F (validation NLL):
+            the axes' density scores are not on one scale (cloud size, spread, dimension
+            estimate differ). Off (default) = T_F only: on the real data it lowered the
+            validation NLL every time but cost accuracy, and ECE only in some runs (README).
     """
 
     latent_dim: int = 256
@@ -768,6 +779,7 @@ class MoCaEConfig:
     patience: int = 10
     class_prior: Literal["empirical", "balanced"] = "balanced"
     seed: int = 0
+    fractal_bias: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -957,6 +969,12 @@ class MoCaERouter:
         for mode in FRACTAL_MODES:
             # -inf (no mass) -> a very negative finite score so that 0 * inf never appears
             lr_m = np.where(np.isfinite(fr_val[mode]), fr_val[mode], -1e30)
+            keep = ~fr_val["ood"]
+            if cfg.fractal_bias and keep.any():
+                # T_F and a per-axis log-offset b_a jointly (OOD rows are uniform either way)
+                t_f, b = fit_scale_bias(lr_m[keep], y_va[keep], w_va[keep])
+                self.fractal.temperature[mode], self.fractal.bias[mode] = t_f, b
+                continue
             self.fractal.temperature[mode] = math.exp(
                 _golden_min(
                     lambda lt, lr_m=lr_m: _nll(
@@ -1245,6 +1263,7 @@ class MoCaERouter:
             "tau_n": self.natural.tau,
             "fractal_mode": self.fractal_mode,
             "fractal_temperature": dict(fr.temperature),
+            "fractal_bias": {m: [float(v) for v in b] for m, b in fr.bias.items()},
             "knn_k": fr.knn_k,
             "ood_radius": fr.ood_radius,
             "lambda_fixed": list(self.config.calibration_weights),
@@ -1305,6 +1324,7 @@ class MoCaERouter:
             )
         cfg = dict(meta["config"])
         cfg["calibration_weights"] = tuple(cfg["calibration_weights"])
+        cfg.setdefault("fractal_bias", False)  # routers saved before the per-axis offsets
         router = cls(MoCaEConfig(**cfg), axes=meta["axes"])
         router.mean = arrays["mean"]
         router.projection = arrays["projection"]
@@ -1323,6 +1343,8 @@ class MoCaERouter:
             knn_k=int(meta["knn_k"]),
             ood_radius=float(meta["ood_radius"]),
             temperature={k: float(v) for k, v in meta["fractal_temperature"].items()},
+            bias={k: np.asarray(v, dtype=np.float64)
+                  for k, v in meta.get("fractal_bias", {}).items()},
         )
         router.natural = NaturalCalibrator(arrays["natural_barycentres"], float(meta["tau_n"]))
         router.fractal_mode = meta["fractal_mode"]
@@ -1362,8 +1384,77 @@ def _fit_pool_temperature(
     )
 
 
-def _fractal_probs(log_rho: np.ndarray, ood: np.ndarray, temperature: float) -> np.ndarray:
-    """c_F for a given T_F (used while fitting T_F)."""
-    c_f = _softmax(log_rho / temperature)
+def _fractal_probs(
+    log_rho: np.ndarray, ood: np.ndarray, temperature: float, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """c_F for a given T_F and per-axis bias b (N, A): softmax(log rho / T_F + b)."""
+    c_f = _softmax(log_rho / temperature + (0.0 if bias is None else bias))
     c_f[ood] = 1.0 / c_f.shape[1]
     return c_f
+
+
+
+def fit_scale_bias(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None, iters: int = 50
+) -> tuple[float, np.ndarray]:
+    """T and b (A,) minimising the weighted NLL of ``softmax(scores / T + b)``, with b_0 = 0.
+
+    In (1/T, b) this is a multinomial logistic regression with one shared slope, so the NLL
+    is convex: Newton steps with backtracking reach the minimum in a few iterations.
+    Non-finite scores (an axis with no mass) are set 20 nats below the lowest finite one.
+
+    Args:
+        scores: log-scores (N, A), e.g. the fractal calibrator's log rho.
+        labels: classes (N,).
+        weights: row weights (N,) of the NLL (default 1 each).
+        iters: Newton iteration cap.
+
+    Returns:
+        (T, b): T in [0.01, 1000], b (A,) with b[0] = 0 and |b| <= 20.
+
+    Raises:
+        ValueError: for mismatched shapes or an empty set.
+    """
+    x = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if x.ndim != 2 or x.shape[0] == 0 or y.shape != (x.shape[0],):
+        raise ValueError(f"scores (N, A) and labels (N,) must agree and be non-empty, got "
+                         f"{x.shape} and {y.shape}")
+    n, n_ax = x.shape
+    fin = np.isfinite(x) & (x > -1e29)
+    x = np.where(fin, x, (x[fin].min() if fin.any() else 0.0) - 20.0)
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    onehot = np.eye(n_ax)[y]  # (N, A)
+    # d z_ic / d theta for theta = (a, b_1..b_{A-1}): (N, A, P)
+    jac = np.concatenate([x[:, :, None], np.broadcast_to(np.eye(n_ax)[:, 1:], (n, n_ax, n_ax - 1))],
+                         axis=2)
+
+    def objective(th: np.ndarray) -> tuple[float, np.ndarray]:
+        z = th[0] * x + np.concatenate([[0.0], th[1:]])  # (N, A)
+        z = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float(np.sum(w * (lse - z[np.arange(n), y]))), np.exp(z - lse[:, None])
+
+    th = np.concatenate([[1.0], np.zeros(n_ax - 1)])
+    f, p = objective(th)
+    for _ in range(iters):
+        grad = np.einsum("n,nc,ncp->p", w, p - onehot, jac)  # (P,)
+        cov = p[:, :, None] * (np.eye(n_ax)[None] - p[:, None, :])  # (N, A, A)
+        hess = np.einsum("n,ncp,ncd,ndq->pq", w, jac, cov, jac) + 1e-9 * np.eye(len(th))
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-6:  # backtracking; keep 1/T inside [1e-3, 1e2] and |b| <= 20 (separable sets)
+            cand = th - t * step
+            if 1e-3 <= cand[0] <= 1e2 and np.all(np.abs(cand[1:]) <= 20.0):
+                f_new, p_new = objective(cand)
+                if f_new <= f:
+                    break
+            t *= 0.5
+        else:
+            break
+        converged = f - f_new < 1e-12
+        th, f, p = cand, f_new, p_new
+        if converged:
+            break
+    return 1.0 / th[0], np.concatenate([[0.0], th[1:]])

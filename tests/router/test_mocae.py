@@ -19,6 +19,7 @@ from alignx.router.mocae import (
     epsilon_net,
     fisher_rao_barycentre,
     fisher_rao_distance,
+    fit_scale_bias,
     fit_temperature,
     route,
 )
@@ -149,6 +150,62 @@ def test_temperature_scaling_fixes_an_overconfident_set() -> None:
     assert metrics.accuracy(scaled, labels) == metrics.accuracy(raw, labels)
 
 
+def test_fit_scale_bias_recovers_a_known_temperature_and_offset() -> None:
+    rng = np.random.default_rng(0)
+    scores = 3.0 * rng.standard_normal((5000, 3))
+    t_true, b_true = 2.0, np.array([0.0, 1.5, -0.7])
+    p = np.exp(scores / t_true + b_true)
+    p /= p.sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=pi) for pi in p])
+    t, b = fit_scale_bias(scores, labels)
+    assert t == pytest.approx(t_true, rel=0.05)
+    np.testing.assert_allclose(b, b_true, atol=0.1)
+    assert b[0] == 0.0
+    # an axis with no mass (-inf) for a few rows does not break the fit
+    scores[:10, 2] = -np.inf
+    t2, b2 = fit_scale_bias(scores, labels)
+    assert np.isfinite(t2) and np.all(np.isfinite(b2))
+    # weights count: the same rows weighted 2x fit the same (T, b)
+    t3, b3 = fit_scale_bias(scores, labels, np.full(len(labels), 2.0))
+    assert t3 == pytest.approx(t2) and np.allclose(b3, b2)
+    with pytest.raises(ValueError, match="must agree"):
+        fit_scale_bias(scores, labels[:-1])
+    # a separable set has no finite optimum: the fit stops at its bounds instead of diverging
+    sep = np.eye(3)[np.repeat(np.arange(3), 5)] * 10.0
+    t4, b4 = fit_scale_bias(sep, np.repeat(np.arange(3), 5))
+    assert 1e-2 <= t4 <= 1e3 and np.all(np.abs(b4) <= 20.0)
+
+
+def test_fractal_bias_fits_what_temperature_alone_cannot(tmp_path: Path) -> None:
+    """Axis 1's cloud is wider than the others: its density scores sit on another scale."""
+    rng = np.random.default_rng(0)
+    d, centres, spreads = 8, 1.2 * np.eye(8)[:3], (0.25, 0.7, 0.25)
+
+    def draw(n):
+        x = np.concatenate([c + s * rng.standard_normal((n, d))
+                            for c, s in zip(centres, spreads, strict=True)])
+        return x.astype(np.float32), np.repeat(np.arange(3), n)
+
+    (x_tr, y_tr), (x_va, y_va) = draw(120), draw(60)
+    fits = {}
+    for on in (False, True):
+        cfg = MoCaEConfig(lr=1e-2, max_epochs=40, fractal_bias=on)
+        fits[on] = MoCaERouter(cfg).fit(x_tr, y_tr, x_va, y_va)
+    for mode in ("corr_integral", "knn"):
+        # (T_F, b = 0) is one candidate of the joint fit: it cannot end with a higher NLL
+        key = f"fractal_{mode}"
+        assert fits[True].val_nll[key] <= fits[False].val_nll[key] + 1e-9
+        b = fits[True].fractal.bias[mode]
+        assert b.shape == (3,) and b[0] == 0.0 and np.abs(b[1:]).max() > 0.05
+    assert fits[False].fractal.bias == {}
+    # the offsets travel with the router
+    fits[True].save(tmp_path / "r")
+    loaded = MoCaERouter.load(tmp_path / "r")
+    for mode, b in fits[True].fractal.bias.items():
+        np.testing.assert_array_equal(loaded.fractal.bias[mode], b)
+    np.testing.assert_array_equal(loaded.predict(x_va).weights, fits[True].predict(x_va).weights)
+
+
 def test_router_temperature_does_not_raise_validation_nll(fitted_router) -> None:
     router, _, _ = fitted_router
     # T is fitted on validation NLL, and T = 1 is a candidate: NLL cannot get worse there
@@ -268,6 +325,24 @@ def test_save_load_round_trip_gives_identical_predictions(fitted_router, tmp_pat
     np.testing.assert_array_equal(a.weights, b.weights)
     np.testing.assert_array_equal(a.ood, b.ood)
     assert loaded.axes == router.axes and loaded.fractal_mode == router.fractal_mode
+
+
+def test_a_router_saved_before_fractal_bias_loads_and_routes_as_before(tmp_path: Path) -> None:
+    import json
+
+    x_tr, y_tr = _clusters(60, seed=0)
+    x_va, y_va = _clusters(20, seed=1)
+    old = MoCaERouter(MoCaEConfig(lr=1e-2, max_epochs=30, fractal_bias=False)).fit(
+        x_tr, y_tr, x_va, y_va)
+    old.save(tmp_path / "r")
+    meta_path = tmp_path / "r" / "router.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["fractal_bias"], meta["config"]["fractal_bias"]  # what earlier versions wrote
+    meta_path.write_text(json.dumps(meta))
+    loaded = MoCaERouter.load(tmp_path / "r")
+    assert loaded.config.fractal_bias is False and loaded.fractal.bias == {}
+    x_te, _ = _clusters(30, seed=2)
+    np.testing.assert_array_equal(loaded.predict(x_te).weights, old.predict(x_te).weights)
 
 
 def test_load_refuses_an_unreadable_directory(tmp_path: Path) -> None:
