@@ -758,7 +758,7 @@ class MoCaEConfig:
         fractal_bias: fit a per-axis log-offset b of c_F jointly with T_F (validation NLL):
             the axes' density scores are not on one scale (cloud size, spread, dimension
             estimate differ). Off (default) = T_F only: on the real data it lowered the
-            validation NLL every time but cost accuracy, and ECE only in some runs (README).
+            validation NLL in every run and ECE in most, but cost accuracy (README).
     """
 
     latent_dim: int = 256
@@ -1387,11 +1387,10 @@ def _fit_pool_temperature(
 def _fractal_probs(
     log_rho: np.ndarray, ood: np.ndarray, temperature: float, bias: np.ndarray | None = None
 ) -> np.ndarray:
-    """c_F for a given T_F and per-axis bias b (N, A): softmax(log rho / T_F + b)."""
+    """c_F (N, A) for a given T_F and per-axis bias b (A,): softmax(log rho / T_F + b)."""
     c_f = _softmax(log_rho / temperature + (0.0 if bias is None else bias))
     c_f[ood] = 1.0 / c_f.shape[1]
     return c_f
-
 
 
 def fit_scale_bias(
