@@ -130,14 +130,16 @@ def finetune_sentence_encoder(
     n_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    rng_state = torch.get_rng_state()  # restored in `finally`
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    rng_state, cuda_rng = torch.get_rng_state(), None  # restored in `finally`
     try:
         enc = encoder if encoder is not None else SentenceEncoder(device=device)
         st = enc.model  # SentenceTransformer: Transformer -> mean Pooling -> Normalize
         dev = next(st.parameters()).device
         # dropout (and the head's default init) draw from torch's global RNG: seed it, so that a
-        # fine-tune is reproducible for its seed; the caller gets its RNG state back at the end
+        # fine-tune is reproducible for its seed; the caller gets its RNG state back at the end.
+        # manual_seed also reseeds CUDA, which loading the encoder may just have initialised.
+        if torch.cuda.is_initialized():
+            cuda_rng = torch.cuda.get_rng_state_all()
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         head = torch.nn.Linear(enc.dim, n_axes)

@@ -966,15 +966,15 @@ class MoCaERouter:
             # only the flag depends on the radius, so the scores are not recomputed
             self.fractal.ood_radius = float(np.quantile(fr_val["ood_score"], cfg.ood_quantile))
             fr_val["ood"] = fr_val["ood_score"] > self.fractal.ood_radius
+        keep = ~fr_val["ood"]  # OOD rows get a uniform c_F whatever T_F and b are
         for mode in FRACTAL_MODES:
-            # -inf (no mass) -> a very negative finite score so that 0 * inf never appears
-            lr_m = np.where(np.isfinite(fr_val[mode]), fr_val[mode], -1e30)
-            keep = ~fr_val["ood"]
             if cfg.fractal_bias and keep.any():
-                # T_F and a per-axis log-offset b_a jointly (OOD rows are uniform either way)
-                t_f, b = fit_scale_bias(lr_m[keep], y_va[keep], w_va[keep])
+                # T_F and a per-axis log-offset b_a jointly (fit_scale_bias handles -inf)
+                t_f, b = fit_scale_bias(fr_val[mode][keep], y_va[keep], w_va[keep])
                 self.fractal.temperature[mode], self.fractal.bias[mode] = t_f, b
                 continue
+            # -inf (no mass) -> a very negative finite score so that 0 * inf never appears
+            lr_m = np.where(np.isfinite(fr_val[mode]), fr_val[mode], -1e30)
             self.fractal.temperature[mode] = math.exp(
                 _golden_min(
                     lambda lt, lr_m=lr_m: _nll(
@@ -1420,7 +1420,7 @@ def fit_scale_bias(
         raise ValueError(f"scores (N, A) and labels (N,) must agree and be non-empty, got "
                          f"{x.shape} and {y.shape}")
     n, n_ax = x.shape
-    fin = np.isfinite(x) & (x > -1e29)
+    fin = np.isfinite(x)
     x = np.where(fin, x, (x[fin].min() if fin.any() else 0.0) - 20.0)
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
