@@ -1,0 +1,43 @@
+"""Run the calibration job on a run directory and dump the inputs of every MoCaE fit.
+
+Used by the fractal-bias experiment (``fractal_bias_protocol.md``). Features never need the
+adapters, so the adapter check of ``alignx calibrate`` is skipped and no training is needed;
+the data are prepared first. The dump holds, per ``MoCaERouter.fit`` call, the training and
+validation features and targets; ``fractal_bias_cv.py`` reads only those (validation only).
+
+    ALIGNX_DATA_DIR=../shared/data python docs/experiments/dump_calibration.py RUN_DIR OUT.pkl seed=3
+
+The job still writes ``RUN_DIR/router/router_report.json`` with the test rows.
+"""
+
+import pickle
+import sys
+
+import numpy as np
+
+import alignx.router.calibrate as C
+from alignx.config import load_config
+from alignx.pipeline import run_prepare
+from alignx.router import mocae
+from alignx.train.trainer import ensure_ray
+
+run_dir, out = sys.argv[1], sys.argv[2]
+cfg = load_config("jobs/configs/smollm2_cpu.yaml", sys.argv[3:], run_dir=run_dir)
+C.check_inputs = lambda cfg: None
+dump: dict[str, list] = {"fits": []}
+orig_fit = mocae.MoCaERouter.fit
+
+
+def fit(self, h_tr, y_tr, h_va, y_va, sample_weight=None):
+    dump["fits"].append(dict(h_tr=h_tr, y_tr=np.asarray(y_tr), h_va=h_va, y_va=np.asarray(y_va),
+                             sw=sample_weight, config=self.config))
+    return orig_fit(self, h_tr, y_tr, h_va, y_va, sample_weight=sample_weight)
+
+
+mocae.MoCaERouter.fit = fit
+ensure_ray()
+run_prepare(cfg)
+C.calibrate_router(cfg)
+with open(out, "wb") as f:
+    pickle.dump(dump, f)
+print("dumped", len(dump["fits"]), "fits to", out)
