@@ -57,9 +57,11 @@ hook()
 import ray.serve, peft, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 import alignx.serve.app, alignx.serve.expert
+torch.manual_seed(0)  # a random tiny model may emit EOS (id 2) early; min_new_tokens too
 m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                  num_hidden_layers=1, num_attention_heads=2))
-out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, min_new_tokens=3,
+                 do_sample=False)
 assert out.shape == (1, 6), out.shape
 loaded = [n for n in {list(UNUSED_IN_EXPERTS)!r} if sys.modules.get(n) is not None]
 print("LOADED", loaded)
