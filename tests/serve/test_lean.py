@@ -57,9 +57,9 @@ hook()
 import ray.serve, peft, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 import alignx.serve.app, alignx.serve.expert
-torch.manual_seed(0)  # a random tiny model may emit EOS (id 2) early; min_new_tokens too
 m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                  num_hidden_layers=1, num_attention_heads=2))
+# min_new_tokens: the random model may emit EOS (id 2) before its third token
 out = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, min_new_tokens=3,
                  do_sample=False)
 assert out.shape == (1, 6), out.shape
