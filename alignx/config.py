@@ -185,6 +185,11 @@ class RouterCfg(_Section):
         "temperature on validation NLL (the axes' density scores are not on one scale); false = "
         "temperature only. The report shows the other setting as an ablation row.",
     )
+    pool_temperature: Literal["shared", "per_axis"] = Field(
+        "shared", description="Pooling temperature of MoCaE's step 6: one for all requests, or one "
+        "per predicted axis (fitted on the validation prompts routed there); both keep the "
+        "argmax, so routing decisions do not change.",
+    )
     ood_quantile: float | None = Field(
         0.99, gt=0, le=1, description="OOD radius = this quantile of the validation prompts' "
         "distance to the nearest calibration centroid (~1% of in-distribution requests flagged "

@@ -352,6 +352,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     mcfg = MoCaEConfig(
         latent_dim=cfg.router.latent_dim, epsilon=cfg.router.epsilon,
         fractal_mode=cfg.router.fractal_mode, fractal_bias=cfg.router.fractal_bias,
+        pool_temperature_per_axis=cfg.router.pool_temperature == "per_axis",
         ood_quantile=cfg.router.ood_quantile,
         calibration_weights=tuple(cfg.router.calibration_weights),  # type: ignore[arg-type]
         lambda_mode=cfg.router.lambda_mode, seed=cfg.seed,

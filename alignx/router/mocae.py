@@ -44,6 +44,11 @@ import numpy as np
 from alignx.axes import AXES, Axis, parse_axis
 from alignx.router import metrics
 
+PoolTemperature = float | np.ndarray  # one T_pool, or one per predicted axis (A,)
+
+# Fewest validation rows a predicted axis needs for its own T_pool (else it keeps the shared one)
+MIN_ROWS_PER_AXIS_T = 30
+
 __all__ = [
     "FractalCalibrator",
     "FractalMode",
@@ -759,6 +764,10 @@ class MoCaEConfig:
             the axes' density scores are not on one scale (cloud size, spread, dimension
             estimate differ). Off (default) = T_F only: on the real data it lowered the
             validation NLL in every run and ECE in most, but cost accuracy (README).
+        pool_temperature_per_axis: one pooling temperature T_pool per predicted axis (fitted
+            on the validation rows the pool sends to that axis) instead of one shared T_pool.
+            Lambda and the fractal mode are still chosen with the shared T_pool and a row's
+            classes share one exponent, so routing decisions are those of the shared form.
     """
 
     latent_dim: int = 256
@@ -780,6 +789,7 @@ class MoCaEConfig:
     class_prior: Literal["empirical", "balanced"] = "balanced"
     seed: int = 0
     fractal_bias: bool = False
+    pool_temperature_per_axis: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -857,7 +867,8 @@ class MoCaERouter:
         self.natural: NaturalCalibrator
         self.fractal_mode: FractalMode = "knn"
         self.lambda_fitted: dict[str, float] = {}  # lambda_1 per fractal mode
-        self.pool_temperature: dict[str, float] = {}  # T_pool per "<fixed|fitted>_<mode>"
+        # T_pool per "<fixed|fitted>_<mode>"
+        self.pool_temperature: dict[str, PoolTemperature] = {}
         self.val_nll: dict[str, float] = {}
 
     # ------------------------------------------------------------------ fit
@@ -1006,6 +1017,14 @@ class MoCaERouter:
             self.pool_temperature[f"fitted_{mode}"] = t_fit
             self.val_nll[f"mocae_fixed_{mode}"] = _nll(_pool(c_f, c_n, lam1, t_fixed), y_va, w_va)
             self.val_nll[f"mocae_fitted_{mode}"] = float(np.min(nlls))
+            if cfg.pool_temperature_per_axis:
+                # after lambda (and below, the mode) are chosen with the shared T_pool, so that
+                # the per-axis temperatures recalibrate the pool without moving any decision
+                for kind, l1 in (("fixed", lam1), ("fitted", l_fit)):
+                    t_ax = _fit_pool_temperature(c_f, c_n, l1, y_va, w_va, per_axis=True)
+                    self.pool_temperature[f"{kind}_{mode}"] = t_ax
+                    self.val_nll[f"mocae_{kind}_{mode}_per_axis_t"] = _nll(
+                        _pool(c_f, c_n, l1, t_ax), y_va, w_va)
         if cfg.fractal_mode == "auto":
             self.fractal_mode = min(
                 FRACTAL_MODES, key=lambda m: self.val_nll[f"mocae_{cfg.lambda_mode}_{m}"]
@@ -1169,7 +1188,7 @@ class MoCaERouter:
         return (lf, 1.0 - lf)
 
     @property
-    def pool_t(self) -> float:
+    def pool_t(self) -> PoolTemperature:
         """T_pool used by :meth:`predict`."""
         self._check_fitted()
         return self.pool_temperature[f"{self.config.lambda_mode}_{self.fractal_mode}"]
@@ -1268,9 +1287,9 @@ class MoCaERouter:
             "ood_radius": fr.ood_radius,
             "lambda_fixed": list(self.config.calibration_weights),
             "lambda_fitted": dict(self.lambda_fitted),
-            "pool_temperature": dict(self.pool_temperature),
+            "pool_temperature": {k: _jsonable_t(v) for k, v in self.pool_temperature.items()},
             "lambdas": list(self.lambdas),
-            "pool_temperature_used": self.pool_t,
+            "pool_temperature_used": _jsonable_t(self.pool_t),
             "correlation_dimension": dict(zip(names, fr.dim.tolist(), strict=True)),
             "knn_dimension": dict(zip(names, fr.knn_dim.tolist(), strict=True)),
             "val_nll": dict(self.val_nll),
@@ -1325,6 +1344,7 @@ class MoCaERouter:
         cfg = dict(meta["config"])
         cfg["calibration_weights"] = tuple(cfg["calibration_weights"])
         cfg.setdefault("fractal_bias", False)  # routers saved before the per-axis offsets
+        cfg.setdefault("pool_temperature_per_axis", False)  # ... and before per-axis T_pool
         router = cls(MoCaEConfig(**cfg), axes=meta["axes"])
         router.mean = arrays["mean"]
         router.projection = arrays["projection"]
@@ -1349,39 +1369,73 @@ class MoCaERouter:
         router.natural = NaturalCalibrator(arrays["natural_barycentres"], float(meta["tau_n"]))
         router.fractal_mode = meta["fractal_mode"]
         router.lambda_fitted = {k: float(v) for k, v in meta["lambda_fitted"].items()}
-        router.pool_temperature = {k: float(v) for k, v in meta["pool_temperature"].items()}
+        router.pool_temperature = {
+            k: np.asarray(v, dtype=np.float64) if isinstance(v, list) else float(v)
+            for k, v in meta["pool_temperature"].items()
+        }
         router.val_nll = dict(meta["val_nll"])
         router.fitted = True
         return router
 
 
+def _jsonable_t(t: PoolTemperature) -> float | list[float]:
+    """A T_pool for router.json: a float, or a list of per-axis floats."""
+    return float(t) if np.ndim(t) == 0 else [float(v) for v in t]
+
+
 _LAMBDA_GRID = np.linspace(0.0, 1.0, 21)  # lambda_1 candidates of the fitted pool
 
 
-def _pool(c_f: np.ndarray, c_n: np.ndarray, lam1: float, t_pool: float) -> np.ndarray:
+def _pool(c_f: np.ndarray, c_n: np.ndarray, lam1: float, t_pool: PoolTemperature) -> np.ndarray:
     """Step 6: ``p_hat ~ (lambda_1 c_F + (1 - lambda_1) c_N)^{1 / T_pool}`` (N, A).
 
     A linear pool of two calibrated distributions is under-confident wherever they disagree;
     one temperature on the pool, fitted on validation NLL, restores calibration without
-    changing the argmax (T_pool = 1 is METHOD.md's literal form).
+    changing the argmax (T_pool = 1 is METHOD.md's literal form). With one T_pool per axis
+    (A,), each row takes the temperature of its argmax axis: still argmax-preserving, since a
+    row's classes share one exponent.
     """
     p = lam1 * c_f + (1.0 - lam1) * c_n  # (N, A)
-    if t_pool == 1.0:
-        return p
-    return _softmax(np.log(np.clip(p, 1e-12, 1.0)) / t_pool)
+    if np.ndim(t_pool) == 0:
+        if t_pool == 1.0:
+            return p
+        return _softmax(np.log(np.clip(p, 1e-12, 1.0)) / t_pool)
+    t_row = np.asarray(t_pool, dtype=np.float64)[p.argmax(axis=1)][:, None]  # (N, 1)
+    return _softmax(np.log(np.clip(p, 1e-12, 1.0)) / t_row)
 
 
 def _fit_pool_temperature(
-    c_f: np.ndarray, c_n: np.ndarray, lam1: float, y: np.ndarray, w: np.ndarray
-) -> float:
-    """T_pool minimising the weighted validation NLL of the pool (golden section on log T)."""
-    return math.exp(
-        _golden_min(
-            lambda lt: _nll(_pool(c_f, c_n, lam1, math.exp(lt)), y, w),
-            math.log(0.05),
-            math.log(20.0),
+    c_f: np.ndarray,
+    c_n: np.ndarray,
+    lam1: float,
+    y: np.ndarray,
+    w: np.ndarray,
+    per_axis: bool = False,
+) -> PoolTemperature:
+    """T_pool minimising the weighted validation NLL of the pool (golden section on log T).
+
+    With ``per_axis``, one T_pool per predicted axis (A,), each fitted on the rows whose pool
+    argmax is that axis (the NLL separates by group, as the argmax does not move with T); an
+    axis predicted for fewer than ``MIN_ROWS_PER_AXIS_T`` rows keeps the shared T_pool.
+    """
+
+    def fit(rows: np.ndarray) -> float:
+        return math.exp(
+            _golden_min(
+                lambda lt: _nll(_pool(c_f[rows], c_n[rows], lam1, math.exp(lt)), y[rows], w[rows]),
+                math.log(0.05),
+                math.log(20.0),
+            )
         )
-    )
+
+    shared = fit(np.arange(len(y)))
+    if not per_axis:
+        return shared
+    pred = (lam1 * c_f + (1.0 - lam1) * c_n).argmax(axis=1)  # (M,)
+    return np.array([
+        fit(np.flatnonzero(pred == a)) if (pred == a).sum() >= MIN_ROWS_PER_AXIS_T else shared
+        for a in range(c_f.shape[1])
+    ])
 
 
 def _fractal_probs(

@@ -46,35 +46,53 @@ def balanced_metrics(p: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dict[str
     }
 
 
-def main() -> None:
-    dump_path, overrides = sys.argv[1], sys.argv[2:]
-    cfg = load_config("jobs/configs/smollm2_cpu.yaml", overrides, run_dir="/tmp/alignx-cv")
-    r = cfg.router
-    base = MoCaEConfig(latent_dim=r.latent_dim, epsilon=r.epsilon, fractal_mode=r.fractal_mode,
-                       ood_quantile=r.ood_quantile,
-                       calibration_weights=tuple(r.calibration_weights),
-                       lambda_mode=r.lambda_mode, seed=cfg.seed)
-    with open(dump_path, "rb") as f:
-        fit = pickle.load(f)["fits"][0]
+def folds_of(t_va: np.ndarray, n: int, fold_seed: int) -> np.ndarray:
+    """Fold index (0..4) per validation prompt, stratified by target."""
+    rng = np.random.default_rng(fold_seed)
+    folds = np.zeros(len(t_va), int)
+    for a in range(n):
+        idx = rng.permutation(np.flatnonzero(t_va == a))
+        folds[idx] = np.arange(len(idx)) % 5
+    return folds
+
+
+def out_of_fold(base: MoCaEConfig, fit: dict, fold_seed: int, **setting) -> np.ndarray:
+    """Out-of-fold MoCaE weights (M, A) on the validation prompts for one setting."""
     h_tr, t_tr, h_va, t_va, sw = fit["h_tr"], fit["y_tr"], fit["h_va"], fit["y_va"], fit["sw"]
     n = int(t_va.max()) + 1
-    out: dict = {"dump": dump_path, "seed": cfg.seed, "validation_targets": np.bincount(t_va).tolist(),
+    folds = folds_of(t_va, n, fold_seed)
+    oof = np.zeros((len(t_va), n))
+    for k in range(5):
+        router = MoCaERouter(dataclasses.replace(base, **setting)).fit(
+            h_tr, t_tr, h_va[folds != k], t_va[folds != k], sample_weight=sw)
+        oof[folds == k] = router.predict(h_va[folds == k]).weights
+    return oof
+
+
+def base_config(overrides: list[str]) -> tuple[MoCaEConfig, int]:
+    """MoCaEConfig of the smollm2_cpu router with ``overrides``, and the seed."""
+    cfg = load_config("jobs/configs/smollm2_cpu.yaml", overrides, run_dir="/tmp/alignx-cv")
+    r = cfg.router
+    return MoCaEConfig(latent_dim=r.latent_dim, epsilon=r.epsilon, fractal_mode=r.fractal_mode,
+                       ood_quantile=r.ood_quantile,
+                       calibration_weights=tuple(r.calibration_weights),
+                       lambda_mode=r.lambda_mode, seed=cfg.seed), cfg.seed
+
+
+def main() -> None:
+    dump_path, overrides = sys.argv[1], sys.argv[2:]
+    base, seed = base_config(overrides)
+    with open(dump_path, "rb") as f:
+        fit = pickle.load(f)["fits"][0]
+    t_va = fit["y_va"]
+    out: dict = {"dump": dump_path, "seed": seed, "validation_targets": np.bincount(t_va).tolist(),
                  "per_fold_seed": {}, "mean": {}}
     for bias in (False, True):
         name = f"fractal_bias={str(bias).lower()}"
         rows = []
         for fold_seed in (0, 1, 2):
-            rng = np.random.default_rng(fold_seed)
-            folds = np.zeros(len(t_va), int)
-            for a in range(n):
-                idx = rng.permutation(np.flatnonzero(t_va == a))
-                folds[idx] = np.arange(len(idx)) % 5
-            oof = np.zeros((len(t_va), n))
-            for k in range(5):
-                router = MoCaERouter(dataclasses.replace(base, fractal_bias=bias)).fit(
-                    h_tr, t_tr, h_va[folds != k], t_va[folds != k], sample_weight=sw)
-                oof[folds == k] = router.predict(h_va[folds == k]).weights
-            rows.append(balanced_metrics(oof, t_va))
+            rows.append(balanced_metrics(out_of_fold(base, fit, fold_seed, fractal_bias=bias),
+                                         t_va))
             print(name, fold_seed, json.dumps(rows[-1]), file=sys.stderr, flush=True)
         out["per_fold_seed"][name] = rows
         out["mean"][name] = {m: float(np.mean([row[m] for row in rows])) for m in rows[0]}

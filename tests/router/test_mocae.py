@@ -12,9 +12,12 @@ import pytest
 from alignx.axes import AXES, Axis
 from alignx.router import metrics
 from alignx.router.mocae import (
+    MIN_ROWS_PER_AXIS_T,
     FractalCalibrator,
     MoCaEConfig,
     MoCaERouter,
+    _fit_pool_temperature,
+    _pool,
     correlation_dimension,
     epsilon_net,
     fisher_rao_barycentre,
@@ -206,6 +209,56 @@ def test_fractal_bias_fits_what_temperature_alone_cannot(tmp_path: Path) -> None
     np.testing.assert_array_equal(loaded.predict(x_va).weights, fits[True].predict(x_va).weights)
 
 
+def test_per_axis_pool_temperature_recovers_each_predicted_axis_own_miscalibration() -> None:
+    """Rows predicted as axis 0 are 3x too sharp, axis 1 calibrated, axis 2 2x too soft."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, size=(6000, 3))
+    q = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # the true distributions
+    labels = np.array([rng.choice(3, p=row) for row in q])
+    t_true = np.array([1 / 3, 1.0, 2.0])[q.argmax(1)][:, None]  # reported = q^(1/t), renormed
+    p = np.exp(np.log(q) / t_true)
+    p /= p.sum(1, keepdims=True)
+    w = np.ones(len(labels))
+    shared = _fit_pool_temperature(p, p, 0.5, labels, w)
+    per_axis = _fit_pool_temperature(p, p, 0.5, labels, w, per_axis=True)
+    assert np.ndim(shared) == 0 and per_axis.shape == (3,)
+    np.testing.assert_allclose(per_axis, [3.0, 1.0, 0.5], rtol=0.15)
+    fixed = {"shared": _pool(p, p, 0.5, shared), "per_axis": _pool(p, p, 0.5, per_axis)}
+    assert metrics.nll(fixed["per_axis"], labels) < metrics.nll(fixed["shared"], labels)
+    assert metrics.ece(fixed["per_axis"], labels) < metrics.ece(fixed["shared"], labels)
+    for out in fixed.values():  # a row's classes share one exponent: the argmax never moves
+        np.testing.assert_array_equal(out.argmax(1), p.argmax(1))
+        np.testing.assert_allclose(out.sum(1), 1.0)
+    # an axis predicted for too few rows keeps the shared temperature
+    few = np.concatenate([np.flatnonzero(p.argmax(1) != 2),
+                          np.flatnonzero(p.argmax(1) == 2)[: MIN_ROWS_PER_AXIS_T - 1]])
+    t_few = _fit_pool_temperature(p[few], p[few], 0.5, labels[few], w[few], per_axis=True)
+    shared_few = _fit_pool_temperature(p[few], p[few], 0.5, labels[few], w[few])
+    assert t_few[2] == shared_few and t_few[0] == pytest.approx(3.0, rel=0.15)
+
+
+def test_per_axis_pool_temperature_keeps_every_routing_decision(tmp_path: Path) -> None:
+    x_tr, y_tr = _clusters(60, seed=0, spread=1.5)
+    x_va, y_va = _clusters(40, seed=1, spread=1.5)
+    x_te, _ = _clusters(30, seed=2, spread=1.5)
+    fits = {on: MoCaERouter(MoCaEConfig(lr=1e-2, max_epochs=40, pool_temperature_per_axis=on))
+            .fit(x_tr, y_tr, x_va, y_va) for on in (False, True)}
+    shared, per_axis = fits[False], fits[True]
+    assert per_axis.fractal_mode == shared.fractal_mode
+    assert per_axis.lambda_fitted == shared.lambda_fitted
+    assert np.shape(per_axis.pool_t) == (3,) and np.ndim(shared.pool_t) == 0
+    a, b = shared.predict(x_te), per_axis.predict(x_te)
+    np.testing.assert_array_equal(a.axis_idx, b.axis_idx)
+    assert not np.allclose(a.confidence, b.confidence)  # ... but the confidences are refitted
+    # the per-axis fit includes the shared T as a candidate in every group: never a higher NLL
+    key = f"mocae_fitted_{per_axis.fractal_mode}"
+    assert per_axis.val_nll[f"{key}_per_axis_t"] <= per_axis.val_nll[key] + 1e-9
+    per_axis.save(tmp_path / "r")
+    loaded = MoCaERouter.load(tmp_path / "r")
+    np.testing.assert_array_equal(loaded.pool_t, per_axis.pool_t)
+    np.testing.assert_array_equal(loaded.predict(x_te).weights, b.weights)
+
+
 def test_router_temperature_does_not_raise_validation_nll(fitted_router) -> None:
     router, _, _ = fitted_router
     # T is fitted on validation NLL, and T = 1 is a candidate: NLL cannot get worse there
@@ -338,9 +391,11 @@ def test_a_router_saved_before_fractal_bias_loads_and_routes_as_before(tmp_path:
     meta_path = tmp_path / "r" / "router.json"
     meta = json.loads(meta_path.read_text())
     del meta["fractal_bias"], meta["config"]["fractal_bias"]  # what earlier versions wrote
+    del meta["config"]["pool_temperature_per_axis"]
     meta_path.write_text(json.dumps(meta))
     loaded = MoCaERouter.load(tmp_path / "r")
     assert loaded.config.fractal_bias is False and loaded.fractal.bias == {}
+    assert loaded.config.pool_temperature_per_axis is False
     x_te, _ = _clusters(30, seed=2)
     np.testing.assert_array_equal(loaded.predict(x_te).weights, old.predict(x_te).weights)
 
