@@ -48,6 +48,7 @@ PoolTemperature = float | np.ndarray  # one T_pool, or one per predicted axis (A
 
 # Fewest validation rows a predicted axis needs for its own T_pool (else it keeps the shared one)
 MIN_ROWS_PER_AXIS_T = 30
+_PER_AXIS = "_per_axis"  # suffix of the per-axis T_pool entries in ``pool_temperature``
 
 __all__ = [
     "FractalCalibrator",
@@ -84,6 +85,8 @@ ABLATION_ROWS: tuple[str, ...] = (
     "mocae_fixed",
     "mocae_fitted",
     "mocae",
+    "mocae_shared_pool_t",
+    "mocae_per_axis_pool_t",
 )
 
 WEIGHTS_FILE = "router.safetensors"
@@ -1017,14 +1020,14 @@ class MoCaERouter:
             self.pool_temperature[f"fitted_{mode}"] = t_fit
             self.val_nll[f"mocae_fixed_{mode}"] = _nll(_pool(c_f, c_n, lam1, t_fixed), y_va, w_va)
             self.val_nll[f"mocae_fitted_{mode}"] = float(np.min(nlls))
-            if cfg.pool_temperature_per_axis:
-                # after lambda (and below, the mode) are chosen with the shared T_pool, so that
-                # the per-axis temperatures recalibrate the pool without moving any decision
-                for kind, l1 in (("fixed", lam1), ("fitted", l_fit)):
-                    t_ax = _fit_pool_temperature(c_f, c_n, l1, y_va, w_va, per_axis=True)
-                    self.pool_temperature[f"{kind}_{mode}"] = t_ax
-                    self.val_nll[f"mocae_{kind}_{mode}_per_axis_t"] = _nll(
-                        _pool(c_f, c_n, l1, t_ax), y_va, w_va)
+            # one T_pool per predicted axis, fitted (always; used if configured) after lambda
+            # and, below, the mode are chosen with the shared T_pool: the per-axis temperatures
+            # recalibrate the pool without moving any routing decision
+            for kind, l1 in (("fixed", lam1), ("fitted", l_fit)):
+                t_ax = _fit_pool_temperature(c_f, c_n, l1, y_va, w_va, per_axis=True)
+                self.pool_temperature[f"{kind}_{mode}{_PER_AXIS}"] = t_ax
+                self.val_nll[f"mocae_{kind}_{mode}{_PER_AXIS}"] = _nll(
+                    _pool(c_f, c_n, l1, t_ax), y_va, w_va)
         if cfg.fractal_mode == "auto":
             self.fractal_mode = min(
                 FRACTAL_MODES, key=lambda m: self.val_nll[f"mocae_{cfg.lambda_mode}_{m}"]
@@ -1142,7 +1145,9 @@ class MoCaERouter:
         ``fractal_knn``, ``fractal`` (the selected mode), ``natural``, ``mocae_paper``
         (0.6 c_F + 0.4 c_N, literally), ``mocae_fixed`` (paper lambda + pooling temperature),
         ``mocae_fitted`` (validation lambda + pooling temperature), ``mocae`` (what predict
-        returns), plus ``ood`` (N,) and ``ood_score`` (N,).
+        returns), ``mocae_per_axis_pool_t`` or ``mocae_shared_pool_t`` (``mocae`` with the other
+        ``pool_temperature_per_axis`` setting; missing for routers saved before per-axis
+        temperatures existed), plus ``ood`` (N,) and ``ood_score`` (N,).
 
         Args:
             h: features (N, d).
@@ -1169,11 +1174,17 @@ class MoCaERouter:
         out["natural"] = c_n
         lam1, mode = self.config.calibration_weights[0], self.fractal_mode
         out["mocae_paper"] = _pool(c_f, c_n, lam1, 1.0)  # step 6 literally
-        out["mocae_fixed"] = _pool(c_f, c_n, lam1, self.pool_temperature[f"fixed_{mode}"])
-        out["mocae_fitted"] = _pool(
-            c_f, c_n, self.lambda_fitted[mode], self.pool_temperature[f"fitted_{mode}"]
-        )
+        lams = {"fixed": lam1, "fitted": self.lambda_fitted[mode]}
+        for kind, l1 in lams.items():
+            out[f"mocae_{kind}"] = _pool(c_f, c_n, l1, self._pool_temperature(kind))
         out["mocae"] = out[f"mocae_{self.config.lambda_mode}"]
+        # "mocae" with the other pooling-temperature setting; routers saved before the per-axis
+        # temperatures existed have none
+        kind, other = self.config.lambda_mode, not self.config.pool_temperature_per_axis
+        key = f"{kind}_{mode}{_PER_AXIS if other else ''}"
+        if key in self.pool_temperature:
+            out[f"mocae_{'per_axis' if other else 'shared'}_pool_t"] = _pool(
+                c_f, c_n, lams[kind], self.pool_temperature[key])
         out["ood"] = fr["ood"]
         out["ood_score"] = fr["ood_score"]
         return out
@@ -1187,11 +1198,16 @@ class MoCaERouter:
         lf = self.lambda_fitted[self.fractal_mode]
         return (lf, 1.0 - lf)
 
+    def _pool_temperature(self, kind: str) -> PoolTemperature:
+        """T_pool of the ``fixed`` or ``fitted`` pool at the chosen mode, as configured."""
+        suffix = _PER_AXIS if self.config.pool_temperature_per_axis else ""
+        return self.pool_temperature[f"{kind}_{self.fractal_mode}{suffix}"]
+
     @property
     def pool_t(self) -> PoolTemperature:
-        """T_pool used by :meth:`predict`."""
+        """T_pool used by :meth:`predict` (A,) per predicted axis, or one shared float."""
         self._check_fitted()
-        return self.pool_temperature[f"{self.config.lambda_mode}_{self.fractal_mode}"]
+        return self._pool_temperature(self.config.lambda_mode)
 
     def predict(self, h: np.ndarray) -> RouteResult:
         """Calibrated routing weights for features h (METHOD.md steps 2-6); numpy only.
@@ -1240,7 +1256,7 @@ class MoCaERouter:
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             arr = np.array([self.axes.index(parse_axis(v)) for v in arr], dtype=np.int64)
         out = {}
-        for name in ABLATION_ROWS:
+        for name in (r for r in ABLATION_ROWS if r in rows):
             p = rows[name]
             out[name] = {
                 "accuracy": metrics.accuracy(p, arr),

@@ -46,7 +46,8 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     report = read_json(d / "router_report.json")
     rows = set(report["test_origin_labels"])
     assert {"logistic_origin_baseline", "mocae_frozen_encoder", "mocae_with_fractal_bias",
-            "raw_softmax", "temperature", "fractal", "natural", "mocae"} <= rows
+            "raw_softmax", "temperature", "fractal", "natural", "mocae",
+            "mocae_per_axis_pool_t"} <= rows  # the setting not shipped (router.pool_temperature)
     ft = report["encoder_finetune"]
     assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 1
     assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]

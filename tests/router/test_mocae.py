@@ -240,7 +240,7 @@ def test_per_axis_pool_temperature_recovers_each_predicted_axis_own_miscalibrati
 def test_per_axis_pool_temperature_keeps_every_routing_decision(tmp_path: Path) -> None:
     x_tr, y_tr = _clusters(60, seed=0, spread=1.5)
     x_va, y_va = _clusters(40, seed=1, spread=1.5)
-    x_te, _ = _clusters(30, seed=2, spread=1.5)
+    x_te, y_te = _clusters(30, seed=2, spread=1.5)
     fits = {on: MoCaERouter(MoCaEConfig(lr=1e-2, max_epochs=40, pool_temperature_per_axis=on))
             .fit(x_tr, y_tr, x_va, y_va) for on in (False, True)}
     shared, per_axis = fits[False], fits[True]
@@ -252,7 +252,13 @@ def test_per_axis_pool_temperature_keeps_every_routing_decision(tmp_path: Path) 
     assert not np.allclose(a.confidence, b.confidence)  # ... but the confidences are refitted
     # the per-axis fit includes the shared T as a candidate in every group: never a higher NLL
     key = f"mocae_fitted_{per_axis.fractal_mode}"
-    assert per_axis.val_nll[f"{key}_per_axis_t"] <= per_axis.val_nll[key] + 1e-9
+    assert per_axis.val_nll[f"{key}_per_axis"] <= per_axis.val_nll[key] + 1e-9
+    assert per_axis.val_nll == shared.val_nll  # both settings are always fitted
+    # each router reports the other setting as a row, and it is what the other router routes
+    np.testing.assert_array_equal(shared.ablation_probs(x_te)["mocae_per_axis_pool_t"], b.weights)
+    np.testing.assert_array_equal(per_axis.ablation_probs(x_te)["mocae_shared_pool_t"], a.weights)
+    assert "mocae_per_axis_pool_t" in shared.evaluate(x_te, y_te)
+    assert "mocae_shared_pool_t" not in shared.evaluate(x_te, y_te)
     per_axis.save(tmp_path / "r")
     loaded = MoCaERouter.load(tmp_path / "r")
     np.testing.assert_array_equal(loaded.pool_t, per_axis.pool_t)
@@ -392,10 +398,13 @@ def test_a_router_saved_before_fractal_bias_loads_and_routes_as_before(tmp_path:
     meta = json.loads(meta_path.read_text())
     del meta["fractal_bias"], meta["config"]["fractal_bias"]  # what earlier versions wrote
     del meta["config"]["pool_temperature_per_axis"]
+    meta["pool_temperature"] = {k: v for k, v in meta["pool_temperature"].items()
+                                if not k.endswith("_per_axis")}
     meta_path.write_text(json.dumps(meta))
     loaded = MoCaERouter.load(tmp_path / "r")
     assert loaded.config.fractal_bias is False and loaded.fractal.bias == {}
     assert loaded.config.pool_temperature_per_axis is False
+    assert "mocae_per_axis_pool_t" not in loaded.evaluate(x_va, y_va)  # nothing to show it with
     x_te, _ = _clusters(30, seed=2)
     np.testing.assert_array_equal(loaded.predict(x_te).weights, old.predict(x_te).weights)
 
