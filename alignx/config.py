@@ -187,8 +187,10 @@ class RouterCfg(_Section):
     )
     pool_temperature: Literal["shared", "per_axis"] = Field(
         "shared", description="Pooling temperature of MoCaE's step 6: one for all requests, or one "
-        "per predicted axis (fitted on the validation prompts routed there); both keep the "
-        "argmax, so routing decisions do not change.",
+        "per predicted axis (fitted on the validation prompts routed there; an axis routed fewer "
+        "than 30 of them keeps the shared one). Both keep the argmax (top1 decisions); under "
+        "policy=threshold, confidences near the threshold can change the fallback set. The "
+        "report shows the other setting as a row.",
     )
     ood_quantile: float | None = Field(
         0.99, gt=0, le=1, description="OOD radius = this quantile of the validation prompts' "

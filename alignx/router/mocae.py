@@ -770,7 +770,8 @@ class MoCaEConfig:
         pool_temperature_per_axis: one pooling temperature T_pool per predicted axis (fitted
             on the validation rows the pool sends to that axis) instead of one shared T_pool.
             Lambda and the fractal mode are still chosen with the shared T_pool and a row's
-            classes share one exponent, so routing decisions are those of the shared form.
+            classes share one exponent, so the argmax (every ``top1`` decision) is that of the
+            shared form; only confidences move, which can change ``threshold`` fallbacks.
     """
 
     latent_dim: int = 256
@@ -1022,7 +1023,7 @@ class MoCaERouter:
             self.val_nll[f"mocae_fitted_{mode}"] = float(np.min(nlls))
             # one T_pool per predicted axis, fitted (always; used if configured) after lambda
             # and, below, the mode are chosen with the shared T_pool: the per-axis temperatures
-            # recalibrate the pool without moving any routing decision
+            # recalibrate the pool without moving any argmax
             for kind, l1 in (("fixed", lam1), ("fitted", l_fit)):
                 t_ax = _fit_pool_temperature(c_f, c_n, l1, y_va, w_va, per_axis=True)
                 self.pool_temperature[f"{kind}_{mode}{_PER_AXIS}"] = t_ax
@@ -1205,7 +1206,7 @@ class MoCaERouter:
 
     @property
     def pool_t(self) -> PoolTemperature:
-        """T_pool used by :meth:`predict` (A,) per predicted axis, or one shared float."""
+        """T_pool used by :meth:`predict`: one float, or (A,) one per predicted axis."""
         self._check_fitted()
         return self._pool_temperature(self.config.lambda_mode)
 

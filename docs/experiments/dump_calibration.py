@@ -1,9 +1,10 @@
 """Run the calibration job on a run directory and dump the inputs of every MoCaE fit.
 
-Used by the fractal-bias experiment (``fractal_bias_protocol.md``). Features never need the
-adapters, so the adapter check of ``alignx calibrate`` is skipped and no training is needed;
-the data are prepared first. The dump holds, per ``MoCaERouter.fit`` call, the training and
-validation features and targets; ``fractal_bias_cv.py`` reads only those (validation only).
+Used by the experiments in this folder. Features never need the adapters, so the adapter check
+of ``alignx calibrate`` is skipped and no training is needed; the data are prepared first. The
+dump holds, per ``MoCaERouter.fit`` call, the training and validation features and targets
+(all the CV scripts read), and per ``MoCaERouter.evaluate`` call the features and labels it
+scored (test split, intent set; read only by ``pool_temperature_readout.py``, after a decision).
 
     ALIGNX_DATA_DIR=../shared/data python docs/experiments/dump_calibration.py RUN_DIR OUT.pkl seed=3
 
@@ -24,8 +25,8 @@ from alignx.train.trainer import ensure_ray
 run_dir, out = sys.argv[1], sys.argv[2]
 cfg = load_config("jobs/configs/smollm2_cpu.yaml", sys.argv[3:], run_dir=run_dir)
 C.check_inputs = lambda cfg: None
-dump: dict[str, list] = {"fits": []}
-orig_fit = mocae.MoCaERouter.fit
+dump: dict[str, list] = {"fits": [], "evals": []}
+orig_fit, orig_eval = mocae.MoCaERouter.fit, mocae.MoCaERouter.evaluate
 
 
 def fit(self, h_tr, y_tr, h_va, y_va, sample_weight=None):
@@ -34,7 +35,12 @@ def fit(self, h_tr, y_tr, h_va, y_va, sample_weight=None):
     return orig_fit(self, h_tr, y_tr, h_va, y_va, sample_weight=sample_weight)
 
 
-mocae.MoCaERouter.fit = fit
+def evaluate(self, h, y, *args, **kwargs):
+    dump["evals"].append(dict(h=h, y=np.asarray(y), router=id(self)))
+    return orig_eval(self, h, y, *args, **kwargs)
+
+
+mocae.MoCaERouter.fit, mocae.MoCaERouter.evaluate = fit, evaluate
 ensure_ray()
 run_prepare(cfg)
 C.calibrate_router(cfg)

@@ -1,7 +1,8 @@
 """Validation-only cross-validation of ``router.pool_temperature`` (shared vs per_axis).
 
-Same folds, refits and metrics as ``fractal_bias_cv.py`` (whose functions it imports): the first fit of a ``dump_calibration.py`` dump (the shipped router's training and
-validation features; nothing of the test split or the intent set); for each setting, every
+Same folds, refits and metrics as ``fractal_bias_cv.py`` (whose functions it imports): the
+first fit of a ``dump_calibration.py`` dump (the shipped router's training and validation
+features; nothing of the test split or the intent set); for each setting, every
 validation-fitted part of MoCaE is refitted on 4/5 of the validation prompts and predicts the
 fifth (5 folds stratified by target, fold seeds 0, 1, 2).
 

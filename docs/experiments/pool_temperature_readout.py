@@ -1,11 +1,11 @@
 """Test and intent-set readout of both ``router.pool_temperature`` settings from a dump.
 
 Run once per seed, after the decision of ``pool_temperature_protocol.md``. Refits the shipped
-router from the dump's first fit (every router fits both settings; the shipped
-config routes with the shared one) and scores it on the
-evaluation features the driver dumped (test split on origin labels, then the intent set; the
-shipped router's are the third and sixth evaluation). Checks first that the refit reproduces
-the job's own ``mocae`` row of ``router_report.json``.
+router from the dump's first fit (every router fits both settings; the shipped config routes
+with the shared one) and scores it on the evaluation features the driver dumped (test split
+on origin labels, then the intent set; the shipped router's are the third and sixth
+evaluation). Checks first that the refit reproduces the job's own ``mocae`` row of
+``router_report.json``.
 
     python docs/experiments/pool_temperature_readout.py DUMP.pkl RUN_DIR seed=6
 """
@@ -32,8 +32,9 @@ out = {"seed": seed}
 for key, ev in (("test_origin_labels", dump["evals"][2]), ("intent_set", dump["evals"][5])):
     rows = router.evaluate(ev["h"], ev["y"])
     job = report[key]["mocae"]
-    if abs(rows["mocae"]["ece"] - job["ece"]) > 1e-9 or rows["mocae"]["accuracy"] != job["accuracy"]:
-        sys.exit(f"{key}: the refit does not reproduce the job's mocae row ({rows['mocae']} vs {job})")
+    mine = rows["mocae"]
+    if abs(mine["ece"] - job["ece"]) > 1e-9 or mine["accuracy"] != job["accuracy"]:
+        sys.exit(f"{key}: the refit does not reproduce the job's mocae row ({mine} vs {job})")
     out[key] = {s: {m: rows[row][m] for m in ("accuracy", "ece", "nll")}
                 for s, row in (("shared", "mocae"), ("per_axis", "mocae_per_axis_pool_t"))}
     out[key]["raw_softmax"] = {m: rows["raw_softmax"][m] for m in ("accuracy", "ece", "nll")}
