@@ -284,7 +284,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         ValueError: an empty or one-axis calibration set.
     """
     from alignx.modeling import base_model_id
-    from alignx.router.mocae import MoCaEConfig, MoCaERouter
+    from alignx.router.mocae import MoCaEConfig, MoCaERouter, _prior_weights
     from alignx.router.targets import (
         build_intent_targets,
         choose_relabel_margin,
@@ -418,6 +418,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "math, markup, other languages, noise)",
     }
     abl_te, abl_set = router.ablation_probs(h_te), router.ablation_probs(h_set)
+    p_va = router.predict(h_va).weights
 
     def ece_gap(rows: dict[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
         """MoCaE's ECE minus raw softmax's, with a paired-bootstrap 95% interval."""
@@ -443,12 +444,17 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                                         "intent_set": ece_gap(abl_set, set_y)},
         "ece_if_calibrated": {"test_origin_labels": ece_floor(abl_te),
                               "intent_set": ece_floor(abl_set)},
-        # which axis's routing confidence is off; validation is in-sample for the calibrators
+        # which axis's routing confidence is off; validation is in-sample for the calibrators,
+        # and also shown weighted to the balanced prior its calibration objectives use (the
+        # unweighted view follows validation's own class mix, ~13% honesty)
         "calibration_by_predicted_axis": {
-            name: rmetrics.calibration_by_predicted_class(p, y, [a.value for a in axes])
-            for name, p, y in (("validation_in_sample", router.predict(h_va).weights, t_va),
-                               ("test_origin_labels", abl_te["mocae"], y_te),
-                               ("intent_set", abl_set["mocae"], set_y))},
+            name: rmetrics.calibration_by_predicted_class(p, y, [a.value for a in axes], w)
+            for name, p, y, w in (
+                ("validation_in_sample", p_va, t_va, None),
+                ("validation_in_sample_balanced", p_va, t_va,
+                 _prior_weights(t_va, len(axes), "balanced")),
+                ("test_origin_labels", abl_te["mocae"], y_te, None),
+                ("intent_set", abl_set["mocae"], set_y, None))},
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
                    "lambdas": [float(x) for x in router.lambdas]},
@@ -514,7 +520,7 @@ def format_report(report: dict[str, Any]) -> str:
         for key, rows in by_axis.items():
             cells = [f"{ax} {r['confidence']:.3f} / {r['accuracy']:.3f} ({r['n']})"
                      if r["n"] else f"{ax} - (0)" for ax, r in rows.items()]
-            out.append(f"  {key:<21} " + "; ".join(cells))
+            out.append(f"  {key:<29} " + "; ".join(cells))
     o = report["ood"]
     out.append(f"\nOOD AUROC {o['auroc']:.3f} (flagged: in-dist {o['flagged_in_distribution']:.3f}, "
                f"ood {o['flagged_ood']:.3f}) — {o['ood_set']}")

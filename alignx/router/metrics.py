@@ -209,7 +209,10 @@ def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
 
 
 def calibration_by_predicted_class(
-    probs: np.ndarray, labels: np.ndarray, names: list[str] | None = None
+    probs: np.ndarray,
+    labels: np.ndarray,
+    names: list[str] | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Mean top-label confidence against accuracy among the rows predicted as each class.
 
@@ -221,19 +224,26 @@ def calibration_by_predicted_class(
         probs: class probabilities (N, A).
         labels: true classes (N,).
         names: one name per class (default "0", "1", ...).
+        sample_weight: optional non-negative weight per row (N,) for the means, e.g. weights
+            that give every true class the same total (what a class prior other than the
+            set's own would see); ``n`` still counts rows.
 
     Returns:
         ``{name: {"n", "confidence", "accuracy", "gap"}}`` with gap = confidence - accuracy
         (> 0: over-confident); JSON-ready (None, not NaN, for an empty class).
 
     Raises:
-        ValueError: for mismatched shapes, empty input, out-of-range labels or a wrong number
-            of names.
+        ValueError: for mismatched shapes, empty input, out-of-range labels, a wrong number
+            of names, or weights of the wrong shape or sign.
     """
     p, y = _check(probs, labels)
     names = [str(i) for i in range(p.shape[1])] if names is None else list(names)
     if len(names) != p.shape[1]:
         raise ValueError(f"names has {len(names)} entries for {p.shape[1]} classes")
+    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if w.shape != y.shape or np.any(w < 0):
+        raise ValueError(f"sample_weight must be ({len(y)},) non-negative weights, got shape "
+                         f"{w.shape}")
     pred, conf = p.argmax(axis=1), p.max(axis=1)
     out: dict[str, dict[str, float | None]] = {}
     for a, name in enumerate(names):
@@ -242,7 +252,11 @@ def calibration_by_predicted_class(
         if n == 0:
             out[name] = {"n": 0, "confidence": None, "accuracy": None, "gap": None}
             continue
-        c, acc = float(conf[m].mean()), float((y[m] == a).mean())
+        if w[m].sum() == 0:  # predicted, but only on rows of weight 0
+            out[name] = {"n": n, "confidence": None, "accuracy": None, "gap": None}
+            continue
+        c = float(np.average(conf[m], weights=w[m]))
+        acc = float(np.average(y[m] == a, weights=w[m]))
         out[name] = {"n": n, "confidence": c, "accuracy": acc, "gap": c - acc}
     return out
 

@@ -71,7 +71,11 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
         assert all(0 <= f["mean"] <= f["p95"] < 1 for f in floors.values())
     # per predicted axis: every prediction counted once, on every split
     by_axis = report["calibration_by_predicted_axis"]
-    assert set(by_axis) == {"validation_in_sample", "test_origin_labels", "intent_set"}
+    assert set(by_axis) == {"validation_in_sample", "validation_in_sample_balanced",
+                            "test_origin_labels", "intent_set"}
+    # the same validation predictions, only weighted differently
+    for ax, r in by_axis["validation_in_sample"].items():
+        assert by_axis["validation_in_sample_balanced"][ax]["n"] == r["n"]
     assert sum(r["n"] for r in by_axis["test_origin_labels"].values()) == report["counts"]["test"]
     assert sum(r["n"] for r in by_axis["intent_set"].values()) == report["counts"]["intent_set"]
     assert list(by_axis["intent_set"]) == manifest["axes"]

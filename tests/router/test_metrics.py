@@ -185,3 +185,20 @@ def test_calibration_by_predicted_class_by_hand() -> None:
     assert never["2"] == {"n": 0, "confidence": None, "accuracy": None, "gap": None}
     with pytest.raises(ValueError, match="names has 2 entries for 3 classes"):
         metrics.calibration_by_predicted_class(PROBS, LABELS, ["a", "b"])
+
+
+def test_calibration_by_predicted_class_weighted_by_hand() -> None:
+    # predicted 0: rows 0 (right, 0.7, weight 3) and 3 (wrong, 0.5, weight 1)
+    w = np.array([3.0, 1.0, 1.0, 1.0])
+    out = metrics.calibration_by_predicted_class(PROBS, LABELS, sample_weight=w)
+    assert out["0"] == pytest.approx({"n": 2, "confidence": 0.65, "accuracy": 0.75, "gap": -0.1})
+    assert out["1"] == pytest.approx({"n": 1, "confidence": 0.6, "accuracy": 1.0, "gap": -0.4})
+    # unit weights are the unweighted means
+    assert metrics.calibration_by_predicted_class(PROBS, LABELS, sample_weight=np.ones(4)) == (
+        metrics.calibration_by_predicted_class(PROBS, LABELS))
+    # a class predicted only on rows of weight 0 has rows but no weighted mean
+    zero = metrics.calibration_by_predicted_class(PROBS, LABELS, sample_weight=[1, 1, 0, 1])
+    assert zero["2"] == {"n": 1, "confidence": None, "accuracy": None, "gap": None}
+    for bad in (np.ones(3), -np.ones(4)):
+        with pytest.raises(ValueError, match="sample_weight"):
+            metrics.calibration_by_predicted_class(PROBS, LABELS, sample_weight=bad)
