@@ -871,7 +871,7 @@ class MoCaERouter:
         self.natural: NaturalCalibrator
         self.fractal_mode: FractalMode = "knn"
         self.lambda_fitted: dict[str, float] = {}  # lambda_1 per fractal mode
-        # T_pool per "<fixed|fitted>_<mode>"
+        # T_pool per "<fixed|fitted>_<mode>"; per axis (A,) under "<fixed|fitted>_<mode>_per_axis"
         self.pool_temperature: dict[str, PoolTemperature] = {}
         self.val_nll: dict[str, float] = {}
 
@@ -1024,8 +1024,8 @@ class MoCaERouter:
             # one T_pool per predicted axis, fitted (always; used if configured) after lambda
             # and, below, the mode are chosen with the shared T_pool: the per-axis temperatures
             # recalibrate the pool without moving any argmax
-            for kind, l1 in (("fixed", lam1), ("fitted", l_fit)):
-                t_ax = _fit_pool_temperature(c_f, c_n, l1, y_va, w_va, per_axis=True)
+            for kind, l1, t_shared in (("fixed", lam1, t_fixed), ("fitted", l_fit, t_fit)):
+                t_ax = _fit_per_axis_pool_temperature(c_f, c_n, l1, y_va, w_va, t_shared)
                 self.pool_temperature[f"{kind}_{mode}{_PER_AXIS}"] = t_ax
                 self.val_nll[f"mocae_{kind}_{mode}{_PER_AXIS}"] = _nll(
                     _pool(c_f, c_n, l1, t_ax), y_va, w_va)
@@ -1422,37 +1422,33 @@ def _pool(c_f: np.ndarray, c_n: np.ndarray, lam1: float, t_pool: PoolTemperature
 
 
 def _fit_pool_temperature(
-    c_f: np.ndarray,
-    c_n: np.ndarray,
-    lam1: float,
-    y: np.ndarray,
-    w: np.ndarray,
-    per_axis: bool = False,
-) -> PoolTemperature:
-    """T_pool minimising the weighted validation NLL of the pool (golden section on log T).
-
-    With ``per_axis``, one T_pool per predicted axis (A,), each fitted on the rows whose pool
-    argmax is that axis (the NLL separates by group, as the argmax does not move with T); an
-    axis predicted for fewer than ``MIN_ROWS_PER_AXIS_T`` rows keeps the shared T_pool.
-    """
-
-    def fit(rows: np.ndarray) -> float:
-        return math.exp(
-            _golden_min(
-                lambda lt: _nll(_pool(c_f[rows], c_n[rows], lam1, math.exp(lt)), y[rows], w[rows]),
-                math.log(0.05),
-                math.log(20.0),
-            )
+    c_f: np.ndarray, c_n: np.ndarray, lam1: float, y: np.ndarray, w: np.ndarray
+) -> float:
+    """T_pool minimising the weighted validation NLL of the pool (golden section on log T)."""
+    return math.exp(
+        _golden_min(
+            lambda lt: _nll(_pool(c_f, c_n, lam1, math.exp(lt)), y, w),
+            math.log(0.05),
+            math.log(20.0),
         )
+    )
 
-    shared = fit(np.arange(len(y)))
-    if not per_axis:
-        return shared
+
+def _fit_per_axis_pool_temperature(
+    c_f: np.ndarray, c_n: np.ndarray, lam1: float, y: np.ndarray, w: np.ndarray, shared: float
+) -> np.ndarray:
+    """One T_pool per predicted axis (A,), each fitted on the rows whose pool argmax is that axis.
+
+    The NLL separates by group, as the argmax does not move with T; an axis predicted for
+    fewer than ``MIN_ROWS_PER_AXIS_T`` rows keeps ``shared`` (the fitted shared T_pool).
+    """
     pred = (lam1 * c_f + (1.0 - lam1) * c_n).argmax(axis=1)  # (M,)
-    return np.array([
-        fit(np.flatnonzero(pred == a)) if (pred == a).sum() >= MIN_ROWS_PER_AXIS_T else shared
-        for a in range(c_f.shape[1])
-    ])
+    t_axis = np.full(c_f.shape[1], shared)
+    for a in range(c_f.shape[1]):
+        rows = np.flatnonzero(pred == a)
+        if len(rows) >= MIN_ROWS_PER_AXIS_T:
+            t_axis[a] = _fit_pool_temperature(c_f[rows], c_n[rows], lam1, y[rows], w[rows])
+    return t_axis
 
 
 def _fractal_probs(

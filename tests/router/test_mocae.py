@@ -16,6 +16,7 @@ from alignx.router.mocae import (
     FractalCalibrator,
     MoCaEConfig,
     MoCaERouter,
+    _fit_per_axis_pool_temperature,
     _fit_pool_temperature,
     _pool,
     correlation_dimension,
@@ -220,7 +221,7 @@ def test_per_axis_pool_temperature_recovers_each_predicted_axis_own_miscalibrati
     p /= p.sum(1, keepdims=True)
     w = np.ones(len(labels))
     shared = _fit_pool_temperature(p, p, 0.5, labels, w)
-    per_axis = _fit_pool_temperature(p, p, 0.5, labels, w, per_axis=True)
+    per_axis = _fit_per_axis_pool_temperature(p, p, 0.5, labels, w, shared)
     assert np.ndim(shared) == 0 and per_axis.shape == (3,)
     np.testing.assert_allclose(per_axis, [3.0, 1.0, 0.5], rtol=0.15)
     fixed = {"shared": _pool(p, p, 0.5, shared), "per_axis": _pool(p, p, 0.5, per_axis)}
@@ -232,8 +233,8 @@ def test_per_axis_pool_temperature_recovers_each_predicted_axis_own_miscalibrati
     # an axis predicted for too few rows keeps the shared temperature
     few = np.concatenate([np.flatnonzero(p.argmax(1) != 2),
                           np.flatnonzero(p.argmax(1) == 2)[: MIN_ROWS_PER_AXIS_T - 1]])
-    t_few = _fit_pool_temperature(p[few], p[few], 0.5, labels[few], w[few], per_axis=True)
     shared_few = _fit_pool_temperature(p[few], p[few], 0.5, labels[few], w[few])
+    t_few = _fit_per_axis_pool_temperature(p[few], p[few], 0.5, labels[few], w[few], shared_few)
     assert t_few[2] == shared_few and t_few[0] == pytest.approx(3.0, rel=0.15)
 
 
