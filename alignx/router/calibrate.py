@@ -41,6 +41,7 @@ from alignx.router.features import (
 
 if TYPE_CHECKING:
     from alignx.config import AlignXConfig
+    from alignx.router.mocae import MoCaEConfig
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,21 @@ def check_inputs(cfg: AlignXConfig) -> None:
         check_same_base(base_model_id(cfg.model), m.base_model, f"adapter {a.value}")
 
 
+def mocae_config(cfg: AlignXConfig) -> MoCaEConfig:
+    """The :class:`MoCaEConfig` that ``cfg.router`` and ``cfg.seed`` describe."""
+    from alignx.router.mocae import MoCaEConfig
+
+    r = cfg.router
+    return MoCaEConfig(
+        latent_dim=r.latent_dim, epsilon=r.epsilon,
+        fractal_mode=r.fractal_mode, fractal_bias=r.fractal_bias,
+        pool_temperature_per_axis=r.pool_temperature == "per_axis",
+        ood_quantile=r.ood_quantile,
+        calibration_weights=tuple(r.calibration_weights),  # type: ignore[arg-type]
+        lambda_mode=r.lambda_mode, seed=cfg.seed,
+    )
+
+
 def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     """Fit and report the MoCaE router; write ``<run_dir>/router/``.
 
@@ -284,7 +300,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         ValueError: an empty or one-axis calibration set.
     """
     from alignx.modeling import base_model_id
-    from alignx.router.mocae import MoCaEConfig, MoCaERouter, _prior_weights
+    from alignx.router.mocae import MoCaERouter, _prior_weights
     from alignx.router.targets import (
         build_intent_targets,
         choose_relabel_margin,
@@ -349,14 +365,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                              for t in range(len(axes))} for o in range(len(axes))}
     finetuned = cfg.router.epochs_to_finetune > 0
     use_seeds = cfg.router.targets == "intent"
-    mcfg = MoCaEConfig(
-        latent_dim=cfg.router.latent_dim, epsilon=cfg.router.epsilon,
-        fractal_mode=cfg.router.fractal_mode, fractal_bias=cfg.router.fractal_bias,
-        pool_temperature_per_axis=cfg.router.pool_temperature == "per_axis",
-        ood_quantile=cfg.router.ood_quantile,
-        calibration_weights=tuple(cfg.router.calibration_weights),  # type: ignore[arg-type]
-        lambda_mode=cfg.router.lambda_mode, seed=cfg.seed,
-    )
+    mcfg = mocae_config(cfg)
 
     def fit(h_tr: np.ndarray, h_va: np.ndarray, h_seed: np.ndarray, tuned: bool,
             **overrides: Any) -> Any:

@@ -20,6 +20,7 @@ import numpy as np
 
 from alignx.config import load_config
 from alignx.router import metrics as M
+from alignx.router.calibrate import mocae_config
 from alignx.router.mocae import MoCaEConfig, MoCaERouter
 
 
@@ -72,11 +73,7 @@ def out_of_fold(base: MoCaEConfig, fit: dict, fold_seed: int, **setting) -> np.n
 def base_config(overrides: list[str]) -> tuple[MoCaEConfig, int]:
     """MoCaEConfig of the smollm2_cpu router with ``overrides``, and the seed."""
     cfg = load_config("jobs/configs/smollm2_cpu.yaml", overrides, run_dir="/tmp/alignx-cv")
-    r = cfg.router
-    return MoCaEConfig(latent_dim=r.latent_dim, epsilon=r.epsilon, fractal_mode=r.fractal_mode,
-                       ood_quantile=r.ood_quantile,
-                       calibration_weights=tuple(r.calibration_weights),
-                       lambda_mode=r.lambda_mode, seed=cfg.seed), cfg.seed
+    return mocae_config(cfg), cfg.seed  # what the calibration job fits
 
 
 def main() -> None:
