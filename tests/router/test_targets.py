@@ -193,14 +193,31 @@ def test_bad_input_raises(world, change: dict, match: str) -> None:
 
 
 def test_shipped_seed_and_intent_sets_are_valid_and_disjoint() -> None:
-    seeds, seed_axes = read_intent_prompts(name="intent_seeds.jsonl")
-    frozen, frozen_axes = read_intent_prompts(name="intent_set.jsonl")
-    assert len(frozen) >= 150
-    for axes in (seed_axes, frozen_axes):
+    sets = {name: read_intent_prompts(name=name) for name in
+            ("intent_seeds.jsonl", "intent_set.jsonl", "intent_set_2.jsonl")}
+    assert len(sets["intent_set.jsonl"][0]) >= 150
+    assert len(sets["intent_set_2.jsonl"][0]) >= 500
+    norms = {}
+    for name, (prompts, axes) in sets.items():
         counts = {a: axes.count(a) for a in AXES}
-        assert min(counts.values()) >= 50, counts
-    norm = {p.strip().lower() for p in seeds}
-    assert not norm & {p.strip().lower() for p in frozen}
+        assert min(counts.values()) >= 50, (name, counts)
+        norms[name] = {p.strip().lower() for p in prompts}
+        assert len(norms[name]) == len(prompts), f"{name} repeats a prompt"
+    names = list(norms)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not norms[a] & norms[b], (a, b)
+
+
+def test_second_intent_set_keeps_every_label_and_uses_the_majority() -> None:
+    from importlib import resources
+
+    text = resources.files("alignx.router").joinpath("intent_set_2.jsonl").read_text("utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for row in rows:
+        labels = row["labels"]  # writer, blind labeller, and a third blind one on disagreement
+        assert len(labels) == (2 if labels[0] == labels[1] else 3), row
+        assert labels.count(row["axis"]) >= 2, row
 
 
 def test_read_intent_prompts_rejects_bad_lines(tmp_path) -> None:
