@@ -40,6 +40,7 @@ from alignx.router.features import (
 )
 
 if TYPE_CHECKING:
+    from alignx.axes import Axis
     from alignx.config import AlignXConfig
     from alignx.router.mocae import MoCaEConfig
 
@@ -50,6 +51,15 @@ OOD_SET = PKG / "ood_set.jsonl"
 
 
 # ----------------------------------------------------------------------------- prompts
+
+
+def _hand_labelled(name: str, axes: list[Axis]) -> tuple[list[str], np.ndarray]:
+    """A shipped hand-labelled prompt file, restricted to ``axes``: texts and axis indices."""
+    from alignx.router.targets import read_intent_prompts
+
+    texts, labels = read_intent_prompts(name=name)
+    keep = [i for i, a in enumerate(labels) if a in axes]
+    return [texts[i] for i in keep], np.array([axes.index(labels[i]) for i in keep], dtype=np.int64)
 
 
 def gather_prompts(cfg: AlignXConfig, split: str) -> tuple[list[str], np.ndarray]:
@@ -301,11 +311,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     """
     from alignx.modeling import base_model_id
     from alignx.router.mocae import MoCaERouter, _prior_weights
-    from alignx.router.targets import (
-        build_intent_targets,
-        choose_relabel_margin,
-        read_intent_prompts,
-    )
+    from alignx.router.targets import build_intent_targets, choose_relabel_margin
     from alignx.storage import fetch, publish
 
     t0 = time.time()
@@ -318,23 +324,19 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
 
     # 1. prompts (+ the hand-written seeds / frozen intent set / OOD texts)
     splits = {s: gather_prompts(cfg, s) for s in ("train", "validation", "test")}
-    seed_texts, seed_axes = read_intent_prompts(name="intent_seeds.jsonl")
-    set_texts, set_axes = read_intent_prompts(name="intent_set.jsonl")
+    seed_texts, seed_y = _hand_labelled("intent_seeds.jsonl", axes)
+    set_texts, set_y = _hand_labelled("intent_set.jsonl", axes)
+    set2_texts, set2_y = _hand_labelled("intent_set_2.jsonl", axes)
     ood_texts = [r["text"] for r in read_jsonl(OOD_SET)]
-    keep_seed = [i for i, a in enumerate(seed_axes) if a in axes]
-    keep_set = [i for i, a in enumerate(set_axes) if a in axes]
-    seed_texts = [seed_texts[i] for i in keep_seed]
-    seed_y = np.array([axes.index(seed_axes[i]) for i in keep_seed], dtype=np.int64)
-    set_texts = [set_texts[i] for i in keep_set]
-    set_y = np.array([axes.index(set_axes[i]) for i in keep_set], dtype=np.int64)
 
     # 2. one embedding pass over everything (Ray Data actor pool)
     blocks = [splits["train"][0], splits["validation"][0], splits["test"][0], seed_texts,
-              set_texts, ood_texts]
+              set_texts, ood_texts, set2_texts]
     sizes = np.cumsum([0] + [len(b) for b in blocks])
     log.info("embedding %d texts with the %s encoder", sizes[-1], cfg.router.encoder)
     feats = embed_texts(cfg, [t for b in blocks for t in b])
-    h_tr, h_va, h_te, h_seed, h_set, h_ood = (feats[sizes[i] : sizes[i + 1]] for i in range(6))
+    h_tr, h_va, h_te, h_seed, h_set, h_ood, h_set2 = (
+        feats[sizes[i] : sizes[i + 1]] for i in range(len(blocks)))
     y_tr, y_va, y_te = (splits[s][1] for s in ("train", "validation", "test"))
 
     # 3. targets: intent labels propagated from the seeds over one kNN graph of train +
@@ -379,7 +381,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
             h_fit, t_fit, h_va, t_va, sample_weight=sample_weight)
 
     # the plain baseline of the issue: logistic regression on the frozen encoder's features
-    frozen = (h_tr, h_va, h_te, h_seed, h_set, h_ood)
+    frozen = (h_tr, h_va, h_te, h_seed, h_set, h_ood, h_set2)
     logistic = fit_logistic(h_tr, y_tr, h_va, y_va, len(axes), seed=cfg.seed)
 
     # 3b. optionally fine-tune the sentence encoder on the same targets (a Ray task); every
@@ -389,7 +391,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     enc_id = encoder_id(cfg.router.encoder, cfg.model)
     if finetuned:
         ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds)
-        h_tr, h_va, h_te, h_seed, h_set, h_ood = ft.features
+        h_tr, h_va, h_te, h_seed, h_set, h_ood, h_set2 = ft.features
         save_encoder_weights(ft.state, weights_path)
         enc_id = f"{enc_id}+ft:{weights_digest(weights_path)}"
         finetune = {**ft.summary(), "epochs": cfg.router.epochs_to_finetune,
@@ -426,7 +428,10 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "ood_set": f"{OOD_SET.name}: {len(ood_texts)} non-request texts (code, logs, data rows, "
         "math, markup, other languages, noise)",
     }
-    abl_te, abl_set = router.ablation_probs(h_te), router.ablation_probs(h_set)
+    # the evaluation sets, each reported once: (features, labels, frozen-encoder features)
+    evals = {"test_origin_labels": (h_te, y_te, frozen[2]), "intent_set": (h_set, set_y, frozen[4]),
+             "intent_set_2": (h_set2, set2_y, frozen[6])}
+    abl = {key: router.ablation_probs(h) for key, (h, _, _) in evals.items()}
     p_va = router.predict(h_va).weights
 
     def ece_gap(rows: dict[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
@@ -443,16 +448,15 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "encoder_finetune": finetune,
         "targets": cfg.router.targets,
         "counts": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te),
-                   "intent_set": len(set_y), "intent_seeds": len(seed_y), "ood": len(ood_texts)},
+                   "intent_set": len(set_y), "intent_set_2": len(set2_y),
+                   "intent_seeds": len(seed_y), "ood": len(ood_texts)},
         "target_moves_train": moved,
         "relabel": relabel,
-        "test_origin_labels": table(h_te, y_te, frozen[2]),
-        "intent_set": table(h_set, set_y, frozen[4]),
+        **{key: table(h, y, h_frozen) for key, (h, y, h_frozen) in evals.items()},
         "ood": ood,
-        "ece_mocae_minus_raw_softmax": {"test_origin_labels": ece_gap(abl_te, y_te),
-                                        "intent_set": ece_gap(abl_set, set_y)},
-        "ece_if_calibrated": {"test_origin_labels": ece_floor(abl_te),
-                              "intent_set": ece_floor(abl_set)},
+        "ece_mocae_minus_raw_softmax": {key: ece_gap(abl[key], y)
+                                        for key, (_, y, _) in evals.items()},
+        "ece_if_calibrated": {key: ece_floor(abl[key]) for key in evals},
         # which axis's routing confidence is off; validation is in-sample for the calibrators,
         # and also shown weighted to the balanced prior its calibration objectives use (the
         # unweighted view follows validation's own class mix, ~13% honesty)
@@ -462,13 +466,13 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                 ("validation_in_sample", p_va, t_va, None),
                 ("validation_in_sample_balanced", p_va, t_va,
                  _prior_weights(t_va, len(axes), "balanced")),
-                ("test_origin_labels", abl_te["mocae"], y_te, None),
-                ("intent_set", abl_set["mocae"], set_y, None))},
+                *((key, abl[key]["mocae"], y, None) for key, (_, y, _) in evals.items()))},
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
                    "lambdas": [float(x) for x in router.lambdas]},
-        "note": "all rows are chosen on validation; test and intent set are reported once",
+        "note": "all rows are chosen on validation; test and the intent sets are reported once",
     }
+    abl_te = abl["test_origin_labels"]
     reliability_png({"raw softmax": abl_te["raw_softmax"], "MoCaE": abl_te["mocae"]},
                     y_te, out_dir / "reliability.png",
                     f"router reliability, test split ({cfg.router.encoder} encoder"
@@ -491,7 +495,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "epsilon": cfg.router.epsilon,
         "fractal_mode": router.fractal_mode,
         "metrics": {"test_origin_labels": report["test_origin_labels"]["mocae"],
-                    "intent_set": report["intent_set"]["mocae"], "ood_auroc": ood["auroc"]},
+                    "intent_set": report["intent_set"]["mocae"],
+                    "intent_set_2": report["intent_set_2"]["mocae"], "ood_auroc": ood["auroc"]},
         "config_hash": cfg.stage_hash("calibrate"),
         "seconds": round(time.time() - t0, 1),
     }
@@ -505,7 +510,11 @@ def format_report(report: dict[str, Any]) -> str:
     cols = ["accuracy", "macro_f1", "nll", "ece", "brier", "selective_accuracy_90"]
     out = []
     for key, title in (("test_origin_labels", "test split, dataset-origin labels"),
-                       ("intent_set", "frozen intent set (hand-labelled)")):
+                       ("intent_set", "frozen intent set (hand-labelled)"),
+                       ("intent_set_2", "second frozen intent set (hand-labelled, blind "
+                        "double-labelled)")):
+        if key not in report:  # a report written before the second set existed
+            continue
         out.append(f"\n{title}\n{'row':<26}" + "".join(f"{c[:10]:>11}" for c in cols))
         for row, m in report[key].items():
             out.append(f"{row:<26}" + "".join(f"{m[c]:>11.4f}" for c in cols))

@@ -52,6 +52,8 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 1
     assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]
     assert report["counts"]["intent_set"] >= 150 and report["counts"]["ood"] >= 30
+    assert report["counts"]["intent_set_2"] >= 500
+    assert set(report["intent_set_2"]) == rows  # every row on the second frozen set too
     # the relabelling margin is the best-scoring row of its validation selection
     rel = report["relabel"]
     assert rel["margin"] in [r["margin"] for r in rel["rows"]] and len(rel["rows"]) >= 2
@@ -60,7 +62,7 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
                for r in rel["rows"])
     assert 0.0 <= report["ood"]["auroc"] <= 1.0
     # the ECE comparison is MoCaE's own row against raw softmax's, on the same prompts
-    for key in ("test_origin_labels", "intent_set"):
+    for key in ("test_origin_labels", "intent_set", "intent_set_2"):
         g = report["ece_mocae_minus_raw_softmax"][key]
         assert g["ece_a"] == pytest.approx(report[key]["mocae"]["ece"])
         assert g["ece_b"] == pytest.approx(report[key]["raw_softmax"]["ece"])
@@ -72,17 +74,19 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     # per predicted axis: every prediction counted once, on every split
     by_axis = report["calibration_by_predicted_axis"]
     assert set(by_axis) == {"validation_in_sample", "validation_in_sample_balanced",
-                            "test_origin_labels", "intent_set"}
+                            "test_origin_labels", "intent_set", "intent_set_2"}
     # the same validation predictions, only weighted differently
     for ax, r in by_axis["validation_in_sample"].items():
         assert by_axis["validation_in_sample_balanced"][ax]["n"] == r["n"]
     assert sum(r["n"] for r in by_axis["test_origin_labels"].values()) == report["counts"]["test"]
-    assert sum(r["n"] for r in by_axis["intent_set"].values()) == report["counts"]["intent_set"]
+    for key in ("intent_set", "intent_set_2"):
+        assert sum(r["n"] for r in by_axis[key].values()) == report["counts"][key]
     assert list(by_axis["intent_set"]) == manifest["axes"]
     assert (d / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     text = format_report(report)  # what `alignx calibrate` prints
     assert "by predicted axis" in text and "validation_in_sample" in text
-    for key in ("test_origin_labels", "intent_set"):
+    assert "second frozen intent set" in text
+    for key in ("test_origin_labels", "intent_set", "intent_set_2"):
         assert f"ECE MoCaE - raw softmax ({key})" in text
         assert f"perfectly calibrated MoCaE would show ({key}" in text
 
