@@ -1,0 +1,17 @@
+"""Join the writer's label with the blind ones for the third frozen intent set (the second
+set's procedure, ``intent_set_2/finalize.py``, on this folder and its themes).
+
+    python docs/experiments/intent_set_3/finalize.py alignx/router/intent_set_3.jsonl
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+D = Path(__file__).resolve().parent
+THEMES = ("health_body", "money_law", "travel_hobbies", "family_online")
+spec = importlib.util.spec_from_file_location("set2_finalize", D.parent / "intent_set_2" / "finalize.py")
+set2 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(set2)
+
+if __name__ == "__main__":
+    set2.finalize(D, THEMES, sys.argv[1])
