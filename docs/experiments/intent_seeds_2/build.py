@@ -105,6 +105,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def write_blind(final: list[dict], d: Path, seed: int) -> None:
+    """Shuffle the kept prompts into new ids (fixed RNG) and write ``merged.jsonl`` and the
+    two labellers' blind halves (alternate ids) into folder ``d``."""
+    rng = random.Random(seed)
+    order = list(range(len(final)))
+    rng.shuffle(order)
+    for new_id, i in enumerate(order):
+        final[i]["id"] = new_id
+    final.sort(key=lambda r: r["id"])
+    write_jsonl(d / "merged.jsonl", final)
+    for k in (0, 1):  # ids alternate between the two blind labellers
+        write_jsonl(d / f"blind_{k}.jsonl",
+                    [{"id": r["id"], "prompt": r["prompt"]} for r in final[k::2]])
+
+
 def build_set3() -> None:
     rows = [r for k, theme in SET3_THEMES.items()
             for r in read_writer(SET3_DIR / f"writer_{k}.jsonl", {"theme": theme})]
@@ -113,16 +128,7 @@ def build_set3() -> None:
            for p in read_intent_prompts(name=name)[0]]
     ref += router_data()
     final, _ = dedupe(rows, ref)
-    rng = random.Random(20261204)
-    order = list(range(len(final)))
-    rng.shuffle(order)
-    for new_id, i in enumerate(order):
-        final[i]["id"] = new_id
-    final.sort(key=lambda r: r["id"])
-    write_jsonl(SET3_DIR / "merged.jsonl", final)
-    for k in (0, 1):  # ids alternate between the two blind labellers
-        write_jsonl(SET3_DIR / f"blind_{k}.jsonl",
-                    [{"id": r["id"], "prompt": r["prompt"]} for r in final[k::2]])
+    write_blind(final, SET3_DIR, 20261204)
 
 
 def build_seeds() -> None:
