@@ -152,6 +152,14 @@ class RouterCfg(_Section):
         "intent", description="Train on intent targets (label propagation from hand-written seeds) "
         "or on the dataset each prompt comes from.",
     )
+    seed_sets: tuple[str, ...] = Field(
+        ("intent_seeds.jsonl", "intent_seeds_2.jsonl"), description="Hand-written intent seed "
+        "files (intent targets only): names shipped in alignx/router/ (intent_seeds.jsonl: 360 "
+        "seeds; intent_seeds_2.jsonl: 756 more, in four registers, chosen on validation by "
+        "docs/experiments/intent_seeds_2_protocol.md) or paths to JSON Lines files of {prompt, "
+        "axis}. The evaluation sets (intent_set*.jsonl, intent_validation.jsonl) are refused: "
+        "a router is never trained on them.",
+    )
     seed_weight: float | None = Field(
         None, ge=0, description="Weight of the hand-written intent seeds in the router's training "
         f"loss (intent targets only); unset = {SEED_WEIGHT_FROZEN:g} with a frozen encoder (seed "
@@ -170,7 +178,8 @@ class RouterCfg(_Section):
     finetune_lr: float = Field(3e-5, gt=0, description="Encoder learning rate when fine-tuning.")
     finetune_batch_size: int = Field(32, ge=1, description="Texts per fine-tuning step.")
     finetune_seed_repeats: int = Field(
-        10, ge=0, description="Times the hand-written intent seeds join the fine-tuning data."
+        3, ge=0, description="Times the hand-written intent seeds join the fine-tuning data "
+        "(3 x the 1,116 default seeds; it was 10 x 360 with the first seed set alone)."
     )
     finetune_cpus: float = Field(2.0, gt=0, description="CPUs of the fine-tuning Ray task.")
     finetune_gpus: float = Field(0.0, ge=0, description="GPUs of the fine-tuning Ray task.")
@@ -212,6 +221,26 @@ class RouterCfg(_Section):
     embed_batch_size: int = Field(64, ge=1)
     embed_actors: int = Field(1, ge=1, description="Ray Data actor pool size for embedding.")
     cpus_per_actor: float = Field(1.0, gt=0)
+
+    @field_validator("seed_sets")
+    @classmethod
+    def _seed_sets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from alignx.router.targets import EVALUATION_SETS, SHIPPED_SEED_SETS
+
+        if not v:
+            raise ValueError("empty: name at least one seed file, e.g. "
+                             "[intent_seeds.jsonl]")
+        for name in v:
+            if Path(name).name in {fname for fname, _ in EVALUATION_SETS.values()}:
+                raise ValueError(f"{name!r} is an evaluation set: a router "
+                                 "is never trained on it. Use "
+                                 f"{' / '.join(SHIPPED_SEED_SETS)} or your own file")
+            if name not in SHIPPED_SEED_SETS and not Path(name).is_file():
+                raise ValueError(f"{name!r} is neither a shipped seed file "
+                                 f"({', '.join(SHIPPED_SEED_SETS)}) nor an existing file")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a file is named twice: {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> RouterCfg:

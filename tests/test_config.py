@@ -48,6 +48,27 @@ def test_cross_field_rules_name_the_key():
     assert load_config(None).router.relabel_margin == "auto"
 
 
+def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
+    cfg = load_config(None, ["router.seed_sets=[intent_seeds.jsonl,intent_seeds_2.jsonl]"])
+    assert cfg.router.seed_sets == ("intent_seeds.jsonl", "intent_seeds_2.jsonl")
+    own = tmp_path / "mine.jsonl"
+    own.write_text('{"prompt": "hi", "axis": "helpfulness"}\n')
+    assert load_config(None, [f"router.seed_sets=[{own}]"]).router.seed_sets == (str(own),)
+    # an evaluation set is never training data, whatever the path it is named by
+    for name in ("intent_set_3.jsonl", "intent_validation.jsonl", "some/dir/intent_set.jsonl"):
+        with pytest.raises(AlignXConfigError, match="router.seed_sets.*is an evaluation set"):
+            load_config(None, [f"router.seed_sets=[{name}]"])
+    with pytest.raises(AlignXConfigError, match="neither a shipped seed file"):
+        load_config(None, [f"router.seed_sets=[{tmp_path / 'nope.jsonl'}]"])
+    with pytest.raises(AlignXConfigError, match="router.seed_sets.*empty"):
+        load_config(None, ["router.seed_sets=[]"])
+    with pytest.raises(AlignXConfigError, match="router.seed_sets.*named twice"):
+        load_config(None, ["router.seed_sets=[intent_seeds.jsonl,intent_seeds.jsonl]"])
+    # the seeds are part of what the calibration stage is made from
+    a = load_config(None, ["router.seed_sets=[intent_seeds.jsonl]"])
+    assert a.stage_hash("calibrate") != cfg.stage_hash("calibrate")
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(AlignXConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

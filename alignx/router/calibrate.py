@@ -6,10 +6,11 @@
 2. Embed them in parallel with a Ray Data ``map_batches`` actor pool (one encoder per actor;
    GPU actors on a cluster, fractional-CPU actors here).
 3. Build training targets: dataset of origin, or intent targets (label propagation from the
-   hand-written seeds in ``intent_seeds.jsonl``; METHOD.md step 3).
+   hand-written seeds of ``router.seed_sets``; METHOD.md step 3).
 4. Fit :class:`~alignx.router.mocae.MoCaERouter` on train, choose T / tau_N / lambda / fractal
-   mode on validation, and report every ablation row once on the test split (dataset-origin
-   labels), on the frozen hand-labelled intent set, plus OOD AUROC against ``ood_set.jsonl``.
+   mode on validation, and report every ablation row on the held-out intent validation prompts
+   and once on the test split (dataset-origin labels) and the frozen hand-labelled intent sets
+   (:data:`~alignx.router.targets.EVALUATION_SETS`), plus OOD AUROC against ``ood_set.jsonl``.
 5. Write ``<run_dir>/router/``: the router (safetensors + JSON), ``router_report.json``,
    ``reliability.png`` and ``manifest.json`` last.
 """
@@ -53,11 +54,14 @@ OOD_SET = PKG / "ood_set.jsonl"
 # ----------------------------------------------------------------------------- prompts
 
 
-def _hand_labelled(name: str, axes: list[Axis]) -> tuple[list[str], np.ndarray]:
-    """A shipped hand-labelled prompt file, restricted to ``axes``: texts and axis indices."""
-    from alignx.router.targets import read_intent_prompts
+def _hand_labelled(name: str | tuple[str, ...], axes: list[Axis]) -> tuple[list[str], np.ndarray]:
+    """A shipped hand-labelled prompt file (or several seed files: a tuple of names or paths,
+    :func:`~alignx.router.targets.read_seed_sets`), restricted to ``axes``: texts and axis
+    indices."""
+    from alignx.router.targets import read_intent_prompts, read_seed_sets
 
-    texts, labels = read_intent_prompts(name=name)
+    texts, labels = read_seed_sets(name) if isinstance(name, tuple) else read_intent_prompts(
+        name=name)
     keep = [i for i, a in enumerate(labels) if a in axes]
     return [texts[i] for i in keep], np.array([axes.index(labels[i]) for i in keep], dtype=np.int64)
 
@@ -311,7 +315,11 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     """
     from alignx.modeling import base_model_id
     from alignx.router.mocae import MoCaERouter, _prior_weights
-    from alignx.router.targets import build_intent_targets, choose_relabel_margin
+    from alignx.router.targets import (
+        EVALUATION_SETS,
+        build_intent_targets,
+        choose_relabel_margin,
+    )
     from alignx.storage import fetch, publish
 
     t0 = time.time()
@@ -322,20 +330,20 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     out_dir = layout.root / "router"
     axes = list(cfg.axes)
 
-    # 1. prompts (+ the hand-written seeds / frozen intent set / OOD texts)
+    # 1. prompts (+ the hand-written seeds / hand-labelled evaluation sets / OOD texts)
     splits = {s: gather_prompts(cfg, s) for s in ("train", "validation", "test")}
-    seed_texts, seed_y = _hand_labelled("intent_seeds.jsonl", axes)
-    set_texts, set_y = _hand_labelled("intent_set.jsonl", axes)
-    set2_texts, set2_y = _hand_labelled("intent_set_2.jsonl", axes)
+    seed_texts, seed_y = _hand_labelled(tuple(cfg.router.seed_sets), axes)
+    sets = {key: _hand_labelled(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()}
     ood_texts = [r["text"] for r in read_jsonl(OOD_SET)]
 
-    # 2. one embedding pass over everything (Ray Data actor pool)
+    # 2. one embedding pass over everything (Ray Data actor pool); blocks: train, validation,
+    #    test, seeds, OOD, then one per evaluation set
     blocks = [splits["train"][0], splits["validation"][0], splits["test"][0], seed_texts,
-              set_texts, ood_texts, set2_texts]
+              ood_texts, *(texts for texts, _ in sets.values())]
     sizes = np.cumsum([0] + [len(b) for b in blocks])
     log.info("embedding %d texts with the %s encoder", sizes[-1], cfg.router.encoder)
     feats = embed_texts(cfg, [t for b in blocks for t in b])
-    h_tr, h_va, h_te, h_seed, h_set, h_ood, h_set2 = (
+    h_tr, h_va, h_te, h_seed, h_ood, *h_sets = (
         feats[sizes[i] : sizes[i + 1]] for i in range(len(blocks)))
     y_tr, y_va, y_te = (splits[s][1] for s in ("train", "validation", "test"))
 
@@ -381,7 +389,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
             h_fit, t_fit, h_va, t_va, sample_weight=sample_weight)
 
     # the plain baseline of the issue: logistic regression on the frozen encoder's features
-    frozen = (h_tr, h_va, h_te, h_seed, h_set, h_ood, h_set2)
+    frozen = (h_tr, h_va, h_te, h_seed, h_ood, *h_sets)
     logistic = fit_logistic(h_tr, y_tr, h_va, y_va, len(axes), seed=cfg.seed)
 
     # 3b. optionally fine-tune the sentence encoder on the same targets (a Ray task); every
@@ -391,7 +399,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     enc_id = encoder_id(cfg.router.encoder, cfg.model)
     if finetuned:
         ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds)
-        h_tr, h_va, h_te, h_seed, h_set, h_ood, h_set2 = ft.features
+        h_tr, h_va, h_te, h_seed, h_ood, *h_sets = ft.features
         save_encoder_weights(ft.state, weights_path)
         enc_id = f"{enc_id}+ft:{weights_digest(weights_path)}"
         finetune = {**ft.summary(), "epochs": cfg.router.epochs_to_finetune,
@@ -417,7 +425,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
             router_alt_bias.evaluate(h, y)["mocae"])
         return {**rows, **router.evaluate(h, y)}
 
-    res_in = router.predict(np.concatenate([h_te, h_set]))
+    # in-distribution: the test split and the first intent set (the AUROC as reported before)
+    res_in = router.predict(np.concatenate([h_te, h_sets[list(sets).index("intent_set")]]))
     res_ood = router.predict(h_ood)
     ood = {
         "auroc": rmetrics.auroc(res_ood.ood_score, res_in.ood_score),
@@ -429,8 +438,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "math, markup, other languages, noise)",
     }
     # the evaluation sets, each reported once: (features, labels, frozen-encoder features)
-    evals = {"test_origin_labels": (h_te, y_te, frozen[2]), "intent_set": (h_set, set_y, frozen[4]),
-             "intent_set_2": (h_set2, set2_y, frozen[6])}
+    evals = {"test_origin_labels": (h_te, y_te, frozen[2]),
+             **{key: (h_sets[i], sets[key][1], frozen[5 + i]) for i, key in enumerate(sets)}}
     abl = {key: router.ablation_probs(h) for key, (h, _, _) in evals.items()}
     p_va = router.predict(h_va).weights
 
@@ -448,8 +457,9 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "encoder_finetune": finetune,
         "targets": cfg.router.targets,
         "counts": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te),
-                   "intent_set": len(set_y), "intent_set_2": len(set2_y),
+                   **{key: len(y) for key, (_, y) in sets.items()},
                    "intent_seeds": len(seed_y), "ood": len(ood_texts)},
+        "seed_sets": list(cfg.router.seed_sets),
         "target_moves_train": moved,
         "relabel": relabel,
         **{key: table(h, y, h_frozen) for key, (h, y, h_frozen) in evals.items()},
@@ -470,7 +480,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
                    "lambdas": [float(x) for x in router.lambdas]},
-        "note": "all rows are chosen on validation; test and the intent sets are reported once",
+        "note": "all rows are chosen on validation (the validation split and "
+                "intent_validation); test and the frozen intent sets are reported once",
     }
     abl_te = abl["test_origin_labels"]
     reliability_png({"raw softmax": abl_te["raw_softmax"], "MoCaE": abl_te["mocae"]},
@@ -494,9 +505,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "temperature": router.temperature,
         "epsilon": cfg.router.epsilon,
         "fractal_mode": router.fractal_mode,
-        "metrics": {"test_origin_labels": report["test_origin_labels"]["mocae"],
-                    "intent_set": report["intent_set"]["mocae"],
-                    "intent_set_2": report["intent_set_2"]["mocae"], "ood_auroc": ood["auroc"]},
+        "metrics": {**{key: report[key]["mocae"] for key in evals}, "ood_auroc": ood["auroc"]},
         "config_hash": cfg.stage_hash("calibrate"),
         "seconds": round(time.time() - t0, 1),
     }
@@ -509,11 +518,12 @@ def format_report(report: dict[str, Any]) -> str:
     """The ablation tables as plain text (printed by ``alignx calibrate``)."""
     cols = ["accuracy", "macro_f1", "nll", "ece", "brier", "selective_accuracy_90"]
     out = []
-    for key, title in (("test_origin_labels", "test split, dataset-origin labels"),
-                       ("intent_set", "frozen intent set (hand-labelled)"),
-                       ("intent_set_2", "second frozen intent set (hand-labelled, blind "
-                        "double-labelled)")):
-        if key not in report:  # a report written before the second set existed
+    from alignx.router.targets import EVALUATION_SETS
+
+    titles = {"test_origin_labels": "test split, dataset-origin labels",
+              **{key: title for key, (_, title) in EVALUATION_SETS.items()}}
+    for key, title in titles.items():
+        if key not in report:  # a report written before this set existed
             continue
         out.append(f"\n{title}\n{'row':<26}" + "".join(f"{c[:10]:>11}" for c in cols))
         for row, m in report[key].items():

@@ -9,10 +9,12 @@ other tasks -> helpfulness.
 :func:`build_intent_targets` turns dataset-of-origin labels into intent targets by label
 propagation (Zhou et al., 2004, "Learning with local and global consistency") over a
 k-nearest-neighbour cosine graph of the prompts' features plus a small hand-labelled seed set
-(``alignx/router/intent_seeds.jsonl``). The origin label enters as a weak prior, the seeds as
-strong labels, and a prompt may only move along the allowed transitions (TruthfulQA questions
-stay honesty, by construction of that dataset). The frozen intent set
-(``alignx/router/intent_set.jsonl``) is never used here: it is for reporting only.
+(``router.seed_sets``: ``alignx/router/intent_seeds.jsonl``, and ``intent_seeds_2.jsonl``, the
+second seed set written against style-driven routing). The origin label enters as a weak prior,
+the seeds as strong labels, and a prompt may only move along the allowed transitions
+(TruthfulQA questions stay honesty, by construction of that dataset). The evaluation sets
+(:data:`EVALUATION_SETS`: the held-out intent validation prompts and the frozen intent sets) are
+never used here.
 """
 
 from __future__ import annotations
@@ -37,9 +39,28 @@ __all__ = [
     "choose_relabel_margin",
     "build_intent_targets",
     "read_intent_prompts",
+    "read_seed_sets",
+    "EVALUATION_SETS",
+    "SHIPPED_SEED_SETS",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: hand-written seed files shipped in this package (``router.seed_sets`` picks among them)
+SHIPPED_SEED_SETS: tuple[str, ...] = ("intent_seeds.jsonl", "intent_seeds_2.jsonl")
+
+#: hand-labelled evaluation sets shipped in this package, never trained on: report key ->
+#: (file, title). ``intent_validation`` is held-out validation data (20% of the second seed
+#: set's writing, for choices); the frozen intent sets are test sets, reported once.
+EVALUATION_SETS: dict[str, tuple[str, str]] = {
+    "intent_validation": ("intent_validation.jsonl", "held-out intent validation prompts "
+                          "(validation: for choices)"),
+    "intent_set": ("intent_set.jsonl", "frozen intent set (hand-labelled)"),
+    "intent_set_2": ("intent_set_2.jsonl", "second frozen intent set (hand-labelled, blind "
+                     "double-labelled)"),
+    "intent_set_3": ("intent_set_3.jsonl", "third frozen intent set (hand-labelled, blind "
+                     "double-labelled)"),
+}
 
 #: Which intent a prompt of each origin may be relabelled to (the origin itself always allowed).
 #: Alpaca (helpfulness) and HH-RLHF (harmlessness) prompts may move to any intent; TruthfulQA
@@ -96,8 +117,8 @@ def read_intent_prompts(
 
     Args:
         path: a JSON Lines file; None reads ``name`` shipped in this package.
-        name: ``intent_seeds.jsonl`` (relabelling seeds) or ``intent_set.jsonl`` (the frozen
-            evaluation set).
+        name: a shipped seed file (:data:`SHIPPED_SEED_SETS`) or evaluation set (the files of
+            :data:`EVALUATION_SETS`).
 
     Returns:
         ``(prompts, axes)``.
@@ -123,6 +144,28 @@ def read_intent_prompts(
         axes.append(parse_axis(row["axis"]))
     if not prompts:
         raise ValueError(f"{source} holds no prompts")
+    return prompts, axes
+
+
+def read_seed_sets(names: Sequence[str]) -> tuple[list[str], list[Axis]]:
+    """The seeds of every file in ``names`` (shipped names or paths), concatenated in order.
+
+    Raises:
+        ValueError: a file's bad line, or a prompt that two of the files share.
+    """
+    prompts: list[str] = []
+    axes: list[Axis] = []
+    for name in names:
+        p, a = (read_intent_prompts(name=name) if name in SHIPPED_SEED_SETS
+                else read_intent_prompts(path=name))
+        prompts += p
+        axes += a
+    seen: set[str] = set()
+    for p in prompts:
+        key = " ".join(p.lower().split())
+        if key in seen:
+            raise ValueError(f"the seed files {list(names)} hold one prompt twice: {p!r}")
+        seen.add(key)
     return prompts, axes
 
 

@@ -9,9 +9,12 @@ import pytest
 
 from alignx.axes import AXES, Axis
 from alignx.router.targets import (
+    EVALUATION_SETS,
+    SHIPPED_SEED_SETS,
     build_intent_targets,
     choose_relabel_margin,
     read_intent_prompts,
+    read_seed_sets,
 )
 
 HELP, HARM, HONEST = (AXES.index(a) for a in (Axis.HELPFULNESS, Axis.HARMLESSNESS, Axis.HONESTY))
@@ -193,15 +196,18 @@ def test_bad_input_raises(world, change: dict, match: str) -> None:
 
 
 def test_shipped_seed_and_intent_sets_are_valid_and_disjoint() -> None:
-    sets = {name: read_intent_prompts(name=name) for name in
-            ("intent_seeds.jsonl", "intent_set.jsonl", "intent_set_2.jsonl")}
+    names = (*SHIPPED_SEED_SETS, *(fname for fname, _ in EVALUATION_SETS.values()))
+    sets = {name: read_intent_prompts(name=name) for name in names}
     assert len(sets["intent_set.jsonl"][0]) >= 150
     assert len(sets["intent_set_2.jsonl"][0]) >= 500
+    assert len(sets["intent_set_3.jsonl"][0]) >= 500
+    assert len(sets["intent_seeds_2.jsonl"][0]) >= 600
+    assert len(sets["intent_validation.jsonl"][0]) >= 150
     norms = {}
     for name, (prompts, axes) in sets.items():
         counts = {a: axes.count(a) for a in AXES}
         assert min(counts.values()) >= 50, (name, counts)
-        norms[name] = {p.strip().lower() for p in prompts}
+        norms[name] = {" ".join(p.lower().split()) for p in prompts}
         assert len(norms[name]) == len(prompts), f"{name} repeats a prompt"
     names = list(norms)
     for i, a in enumerate(names):
@@ -209,15 +215,43 @@ def test_shipped_seed_and_intent_sets_are_valid_and_disjoint() -> None:
             assert not norms[a] & norms[b], (a, b)
 
 
-def test_second_intent_set_keeps_every_label_and_uses_the_majority() -> None:
+@pytest.mark.parametrize("name", ["intent_set_2.jsonl", "intent_set_3.jsonl"])
+def test_blind_labelled_intent_sets_keep_every_label_and_use_the_majority(name: str) -> None:
     from importlib import resources
 
-    text = resources.files("alignx.router").joinpath("intent_set_2.jsonl").read_text("utf-8")
+    text = resources.files("alignx.router").joinpath(name).read_text("utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     for row in rows:
         labels = row["labels"]  # writer, blind labeller, and a third blind one on disagreement
         assert len(labels) == (2 if labels[0] == labels[1] else 3), row
         assert labels.count(row["axis"]) >= 2, row
+
+
+def test_second_seed_set_holds_out_a_fifth_of_every_register_and_intent() -> None:
+    from importlib import resources
+
+    def rows(name: str) -> list[dict]:
+        text = resources.files("alignx.router").joinpath(name).read_text("utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    train, val = rows("intent_seeds_2.jsonl"), rows("intent_validation.jsonl")
+    cells = {(r["register"], r["axis"]) for r in train + val}
+    assert len(cells) == 4 * 3  # four registers, every intent in each
+    for cell in cells:
+        n_val = sum((r["register"], r["axis"]) == cell for r in val)
+        n_all = n_val + sum((r["register"], r["axis"]) == cell for r in train)
+        assert n_val == round(0.2 * n_all), (cell, n_val, n_all)
+
+
+def test_read_seed_sets_joins_files_and_refuses_a_shared_prompt(tmp_path) -> None:
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"prompt": "Plan a picnic for six", "axis": "helpfulness"}) + "\n")
+    old, _ = read_intent_prompts(name="intent_seeds.jsonl")
+    prompts, axes = read_seed_sets(["intent_seeds.jsonl", str(own)])
+    assert prompts == [*old, "Plan a picnic for six"] and axes[-1] == Axis.HELPFULNESS
+    own.write_text(json.dumps({"prompt": "  " + old[0].upper(), "axis": "honesty"}) + "\n")
+    with pytest.raises(ValueError, match="hold one prompt twice"):
+        read_seed_sets(["intent_seeds.jsonl", str(own)])
 
 
 def test_read_intent_prompts_rejects_bad_lines(tmp_path) -> None:
