@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from alignx.axes import AXES, Axis
 
@@ -156,9 +164,18 @@ class RouterCfg(_Section):
         ("intent_seeds.jsonl", "intent_seeds_2.jsonl"), description="Hand-written intent seed "
         "files (intent targets only): names shipped in alignx/router/ (intent_seeds.jsonl: 360 "
         "seeds; intent_seeds_2.jsonl: 756 more, in four registers, chosen on validation by "
-        "docs/experiments/intent_seeds_2_protocol.md) or paths to JSON Lines files of {prompt, "
-        "axis}. The evaluation sets (intent_set*.jsonl, intent_validation.jsonl) are refused: "
-        "a router is never trained on them.",
+        "docs/experiments/intent_seeds_2_protocol.md; intent_set_2.jsonl / intent_set_3.jsonl: "
+        "retired frozen sets, 595 each) or paths to JSON Lines files of {prompt, axis}. The "
+        "evaluation sets (intent_set.jsonl, intent_set_4.jsonl, intent_validation.jsonl) are "
+        "refused: a router is never trained on them.",
+    )
+    calibration_sets: tuple[str, ...] = Field(
+        (), description="Hand-labelled prompt files (names as for seed_sets, or paths) that "
+        "join the validation split in every validation objective of the MoCaE fit (early "
+        "stopping, T, T_F, tau_N, lambda, T_pool, OOD radius) and are never trained on: "
+        "prompts by writers the router did not learn from teach the calibrators how far to "
+        "trust it on new writers (docs/experiments/shift_calibration_protocol.md). Evaluation "
+        "sets and files already in seed_sets are refused.",
     )
     seed_weight: float | None = Field(
         None, ge=0, description="Weight of the hand-written intent seeds in the router's training "
@@ -222,21 +239,21 @@ class RouterCfg(_Section):
     embed_actors: int = Field(1, ge=1, description="Ray Data actor pool size for embedding.")
     cpus_per_actor: float = Field(1.0, gt=0)
 
-    @field_validator("seed_sets")
+    @field_validator("seed_sets", "calibration_sets")
     @classmethod
-    def _seed_sets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _labelled_sets(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         from alignx.router.targets import EVALUATION_SETS, SHIPPED_SEED_SETS
 
-        if not v:
+        if not v and info.field_name == "seed_sets":
             raise ValueError("empty: name at least one seed file, e.g. "
                              "[intent_seeds.jsonl]")
         for name in v:
             if Path(name).name in {fname for fname, _ in EVALUATION_SETS.values()}:
-                raise ValueError(f"{name!r} is an evaluation set: a router "
-                                 "is never trained on it. Use "
-                                 f"{' / '.join(SHIPPED_SEED_SETS)} or your own file")
+                raise ValueError(f"{name!r} is an evaluation set: a router is never trained or "
+                                 f"calibrated on it. Use {' / '.join(SHIPPED_SEED_SETS)} or "
+                                 "your own file")
             if name not in SHIPPED_SEED_SETS and not Path(name).is_file():
-                raise ValueError(f"{name!r} is neither a shipped seed file "
+                raise ValueError(f"{name!r} is neither a shipped hand-labelled file "
                                  f"({', '.join(SHIPPED_SEED_SETS)}) nor an existing file")
         if len(set(v)) != len(v):
             raise ValueError(f"a file is named twice: {list(v)}")
@@ -244,6 +261,11 @@ class RouterCfg(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> RouterCfg:
+        both = sorted(set(self.seed_sets) & set(self.calibration_sets))
+        if both:
+            raise ValueError(f"router.calibration_sets names {both}, which router.seed_sets "
+                             "already trains on: calibration prompts must be unseen; drop them "
+                             "from one of the two")
         lam = self.calibration_weights
         if min(lam) < 0 or abs(sum(lam) - 1.0) > 1e-6:
             raise ValueError(f"router.calibration_weights must be >= 0 and sum to 1, got {list(lam)}")

@@ -55,11 +55,27 @@ def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
     own.write_text('{"prompt": "hi", "axis": "helpfulness"}\n')
     assert load_config(None, [f"router.seed_sets=[{own}]"]).router.seed_sets == (str(own),)
     # an evaluation set is never training data, whatever the path it is named by
-    for name in ("intent_set_3.jsonl", "intent_validation.jsonl", "some/dir/intent_set.jsonl"):
-        with pytest.raises(AlignXConfigError, match="router.seed_sets.*is an evaluation set"):
-            load_config(None, [f"router.seed_sets=[{name}]"])
-    with pytest.raises(AlignXConfigError, match="neither a shipped seed file"):
+    for name in ("intent_validation.jsonl", "some/dir/intent_set.jsonl"):
+        for key in ("seed_sets", "calibration_sets"):
+            with pytest.raises(AlignXConfigError, match=f"router.{key}.*is an evaluation set"):
+                load_config(None, [f"router.{key}=[{name}]"])
+    # the retired frozen sets are shipped training / calibration data
+    r = load_config(None, ["router.seed_sets=[intent_seeds.jsonl,intent_set_2.jsonl]",
+                           "router.calibration_sets=[intent_set_3.jsonl]"]).router
+    assert r.seed_sets == ("intent_seeds.jsonl", "intent_set_2.jsonl")
+    assert r.calibration_sets == ("intent_set_3.jsonl",)
+    with pytest.raises(AlignXConfigError, match="neither a shipped hand-labelled file"):
         load_config(None, [f"router.seed_sets=[{tmp_path / 'nope.jsonl'}]"])
+    with pytest.raises(AlignXConfigError, match="router.calibration_sets.*neither a shipped"):
+        load_config(None, [f"router.calibration_sets=[{tmp_path / 'nope.jsonl'}]"])
+    # a calibration prompt must be one the router never trained on
+    with pytest.raises(AlignXConfigError, match="calibration_sets names .*intent_set_2.jsonl.*"
+                       "seed_sets already trains on"):
+        load_config(None, ["router.seed_sets=[intent_seeds.jsonl,intent_set_2.jsonl]",
+                           "router.calibration_sets=[intent_set_2.jsonl]"])
+    with pytest.raises(AlignXConfigError, match="router.calibration_sets.*named twice"):
+        load_config(None, ["router.calibration_sets=[intent_set_3.jsonl,intent_set_3.jsonl]"])
+    assert load_config(None).router.calibration_sets == ()
     with pytest.raises(AlignXConfigError, match="router.seed_sets.*empty"):
         load_config(None, ["router.seed_sets=[]"])
     with pytest.raises(AlignXConfigError, match="router.seed_sets.*named twice"):
@@ -67,6 +83,8 @@ def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
     # the seeds are part of what the calibration stage is made from
     a = load_config(None, ["router.seed_sets=[intent_seeds.jsonl]"])
     assert a.stage_hash("calibrate") != cfg.stage_hash("calibrate")
+    b = load_config(None, ["router.calibration_sets=[intent_set_3.jsonl]"])
+    assert b.stage_hash("calibrate") != load_config(None).stage_hash("calibrate")
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

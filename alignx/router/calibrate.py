@@ -7,8 +7,8 @@
    GPU actors on a cluster, fractional-CPU actors here).
 3. Build training targets: dataset of origin, or intent targets (label propagation from the
    hand-written seeds of ``router.seed_sets``; METHOD.md step 3).
-4. Fit :class:`~alignx.router.mocae.MoCaERouter` on train, choose T / tau_N / lambda / fractal
-   mode on validation, and report every ablation row on the held-out intent validation prompts
+4. Fit :class:`~alignx.router.mocae.MoCaERouter` on train (+ seeds), choose T / tau_N / lambda /
+   fractal mode on validation (+ the hand-labelled prompts of ``router.calibration_sets``), and report every ablation row on the held-out intent validation prompts
    and once on the test split (dataset-origin labels) and the frozen hand-labelled intent sets
    (:data:`~alignx.router.targets.EVALUATION_SETS`), plus OOD AUROC against ``ood_set.jsonl``.
 5. Write ``<run_dir>/router/``: the router (safetensors + JSON), ``router_report.json``,
@@ -54,16 +54,36 @@ OOD_SET = PKG / "ood_set.jsonl"
 # ----------------------------------------------------------------------------- prompts
 
 
-def _hand_labelled(name: str | tuple[str, ...], axes: list[Axis]) -> tuple[list[str], np.ndarray]:
-    """A shipped hand-labelled prompt file (or several seed files: a tuple of names or paths,
-    :func:`~alignx.router.targets.read_seed_sets`), restricted to ``axes``: texts and axis
-    indices."""
-    from alignx.router.targets import read_intent_prompts, read_seed_sets
-
-    texts, labels = read_seed_sets(name) if isinstance(name, tuple) else read_intent_prompts(
-        name=name)
+def _restrict(texts: list[str], labels: list[Axis], axes: list[Axis]) -> tuple[list[str], np.ndarray]:
+    """Keep the prompts labelled with one of ``axes``: texts and axis indices."""
     keep = [i for i, a in enumerate(labels) if a in axes]
     return [texts[i] for i in keep], np.array([axes.index(labels[i]) for i in keep], dtype=np.int64)
+
+
+def _shipped_set(fname: str, axes: list[Axis]) -> tuple[list[str], np.ndarray]:
+    """A hand-labelled prompt file shipped in this package (e.g. an evaluation set),
+    restricted to ``axes``."""
+    from alignx.router.targets import read_intent_prompts
+
+    return _restrict(*read_intent_prompts(name=fname), axes)
+
+
+def _labelled_files(
+    seed_sets: tuple[str, ...], calibration_sets: tuple[str, ...], axes: list[Axis]
+) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]]:
+    """The seeds and the calibration prompts (``router.seed_sets`` / ``calibration_sets``:
+    shipped names or paths), each restricted to ``axes``.
+
+    Raises:
+        ValueError: a file's bad line, or one prompt in two of the files (a calibration prompt
+            that is also a seed would be in-sample for the calibrators).
+    """
+    from alignx.router.targets import read_seed_sets
+
+    texts, labels = read_seed_sets((*seed_sets, *calibration_sets))  # refuses a shared prompt
+    n_seed = len(read_seed_sets(seed_sets)[0])
+    return (_restrict(texts[:n_seed], labels[:n_seed], axes),
+            _restrict(texts[n_seed:], labels[n_seed:], axes))
 
 
 def gather_prompts(cfg: AlignXConfig, split: str) -> tuple[list[str], np.ndarray]:
@@ -330,27 +350,33 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     out_dir = layout.root / "router"
     axes = list(cfg.axes)
 
-    # 1. prompts (+ the hand-written seeds / hand-labelled evaluation sets / OOD texts)
+    # 1. prompts (+ the hand-written seeds / hand-labelled calibration prompts / evaluation
+    #    sets / OOD texts)
     splits = {s: gather_prompts(cfg, s) for s in ("train", "validation", "test")}
-    seed_texts, seed_y = _hand_labelled(tuple(cfg.router.seed_sets), axes)
-    sets = {key: _hand_labelled(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()}
+    (seed_texts, seed_y), (cal_texts, cal_y) = _labelled_files(
+        tuple(cfg.router.seed_sets), tuple(cfg.router.calibration_sets), axes)
+    sets = {key: _shipped_set(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()}
     ood_texts = [r["text"] for r in read_jsonl(OOD_SET)]
 
-    # 2. one embedding pass over everything (Ray Data actor pool); blocks: train, validation,
-    #    test, seeds, OOD, then one per evaluation set
-    blocks = [splits["train"][0], splits["validation"][0], splits["test"][0], seed_texts,
-              ood_texts, *(texts for texts, _ in sets.values())]
+    # 2. one embedding pass over everything (Ray Data actor pool), one named block each; the
+    #    fine-tuning task reads train and validation as the first two
+    named = {"train": splits["train"][0], "validation": splits["validation"][0],
+             "test": splits["test"][0], "seeds": seed_texts, "ood": ood_texts,
+             **({"calibration": cal_texts} if cal_texts else {}),
+             **{f"set:{key}": texts for key, (texts, _) in sets.items()}}
+    blocks = list(named.values())
     sizes = np.cumsum([0] + [len(b) for b in blocks])
     log.info("embedding %d texts with the %s encoder", sizes[-1], cfg.router.encoder)
-    feats = embed_texts(cfg, [t for b in blocks for t in b])
-    h_tr, h_va, h_te, h_seed, h_ood, *h_sets = (
-        feats[sizes[i] : sizes[i + 1]] for i in range(len(blocks)))
+    flat = embed_texts(cfg, [t for b in blocks for t in b])
+    feats = {name: flat[sizes[i] : sizes[i + 1]] for i, name in enumerate(named)}
+    feats.setdefault("calibration", flat[:0])  # (0, d): no calibration prompts
     y_tr, y_va, y_te = (splits[s][1] for s in ("train", "validation", "test"))
 
     # 3. targets: intent labels propagated from the seeds over one kNN graph of train +
     #    validation prompts (never test); the seeds also join training at `seed_weight`.
     #    How readily a prompt leaves its origin label (the margin) is chosen on validation:
     #    seed cross-validation (intent) + validation accuracy on origin labels, frozen features.
+    h_tr, h_va, h_seed = feats["train"], feats["validation"], feats["seeds"]
     relabel: dict[str, Any] | None = None
     if cfg.router.targets == "intent":
         margin = cfg.router.relabel_margin
@@ -377,19 +403,21 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     use_seeds = cfg.router.targets == "intent"
     mcfg = mocae_config(cfg)
 
-    def fit(h_tr: np.ndarray, h_va: np.ndarray, h_seed: np.ndarray, tuned: bool,
-            **overrides: Any) -> Any:
-        h_fit, t_fit, sample_weight = h_tr, t_tr, None
+    def fit(f: dict[str, np.ndarray], tuned: bool, **overrides: Any) -> Any:
+        """MoCaE on features ``f``: trained on train (+ seeds), every validation objective
+        on validation + the calibration prompts."""
+        h_fit, t_fit, sample_weight = f["train"], t_tr, None
         weight = cfg.router.seed_weight_for(tuned)
         if use_seeds and weight > 0:
-            h_fit = np.concatenate([h_tr, h_seed])
+            h_fit = np.concatenate([f["train"], f["seeds"]])
             t_fit = np.concatenate([t_tr, seed_y])
             sample_weight = np.concatenate([np.ones(len(t_tr)), np.full(len(seed_y), weight)])
         return MoCaERouter(replace(mcfg, **overrides), axes=axes).fit(
-            h_fit, t_fit, h_va, t_va, sample_weight=sample_weight)
+            h_fit, t_fit, np.concatenate([f["validation"], f["calibration"]]),
+            np.concatenate([t_va, cal_y]), sample_weight=sample_weight)
 
     # the plain baseline of the issue: logistic regression on the frozen encoder's features
-    frozen = (h_tr, h_va, h_te, h_seed, h_ood, *h_sets)
+    frozen = dict(feats)
     logistic = fit_logistic(h_tr, y_tr, h_va, y_va, len(axes), seed=cfg.seed)
 
     # 3b. optionally fine-tune the sentence encoder on the same targets (a Ray task); every
@@ -399,7 +427,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     enc_id = encoder_id(cfg.router.encoder, cfg.model)
     if finetuned:
         ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds)
-        h_tr, h_va, h_te, h_seed, h_ood, *h_sets = ft.features
+        feats = dict(zip(named, ft.features, strict=True))
+        feats.setdefault("calibration", ft.features[0][:0])
         save_encoder_weights(ft.state, weights_path)
         enc_id = f"{enc_id}+ft:{weights_digest(weights_path)}"
         finetune = {**ft.summary(), "epochs": cfg.router.epochs_to_finetune,
@@ -410,12 +439,13 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         weights_path.unlink(missing_ok=True)  # a previous fine-tuned router's weights
 
     # 4. fit (choices on validation) and report once on test / intent set / OOD
-    router = fit(h_tr, h_va, h_seed, finetuned)
-    router_frozen = fit(frozen[0], frozen[1], frozen[3], False) if finetuned else None
+    router = fit(feats, finetuned)
+    router_frozen = fit(frozen, False) if finetuned else None
     # the same router with the other fractal_bias setting (per-axis offsets of c_F or T_F only),
     # reported as an ablation row
     alt_bias = not mcfg.fractal_bias
-    router_alt_bias = fit(h_tr, h_va, h_seed, finetuned, fractal_bias=alt_bias)
+    router_alt_bias = fit(feats, finetuned, fractal_bias=alt_bias)
+    h_tr, h_va, h_te = feats["train"], feats["validation"], feats["test"]
 
     def table(h: np.ndarray, y: np.ndarray, h_frozen: np.ndarray) -> dict[str, dict[str, float]]:
         rows = {"logistic_origin_baseline": _scores(logistic(h_frozen), y)}
@@ -426,8 +456,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         return {**rows, **router.evaluate(h, y)}
 
     # in-distribution: the test split and the first intent set (the AUROC as reported before)
-    res_in = router.predict(np.concatenate([h_te, h_sets[list(sets).index("intent_set")]]))
-    res_ood = router.predict(h_ood)
+    res_in = router.predict(np.concatenate([h_te, feats["set:intent_set"]]))
+    res_ood = router.predict(feats["ood"])
     ood = {
         "auroc": rmetrics.auroc(res_ood.ood_score, res_in.ood_score),
         "flagged_in_distribution": float(res_in.ood.mean()),
@@ -438,8 +468,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "math, markup, other languages, noise)",
     }
     # the evaluation sets, each reported once: (features, labels, frozen-encoder features)
-    evals = {"test_origin_labels": (h_te, y_te, frozen[2]),
-             **{key: (h_sets[i], sets[key][1], frozen[5 + i]) for i, key in enumerate(sets)}}
+    evals = {"test_origin_labels": (h_te, y_te, frozen["test"]),
+             **{key: (feats[f"set:{key}"], y, frozen[f"set:{key}"]) for key, (_, y) in sets.items()}}
     abl = {key: router.ablation_probs(h) for key, (h, _, _) in evals.items()}
     p_va = router.predict(h_va).weights
 
@@ -458,8 +488,10 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "targets": cfg.router.targets,
         "counts": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te),
                    **{key: len(y) for key, (_, y) in sets.items()},
-                   "intent_seeds": len(seed_y), "ood": len(ood_texts)},
+                   "intent_seeds": len(seed_y), "calibration_prompts": len(cal_y),
+                   "ood": len(ood_texts)},
         "seed_sets": list(cfg.router.seed_sets),
+        "calibration_sets": list(cfg.router.calibration_sets),
         "target_moves_train": moved,
         "relabel": relabel,
         **{key: table(h, y, h_frozen) for key, (h, y, h_frozen) in evals.items()},
@@ -480,8 +512,10 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
                    "lambdas": [float(x) for x in router.lambdas]},
-        "note": "all rows are chosen on validation (the validation split and "
-                "intent_validation); test and the frozen intent sets are reported once",
+        "note": "all rows are chosen on validation (the validation split, plus the "
+                "calibration prompts in every validation objective of the fit, and "
+                "intent_validation for experiments' choices); test and the frozen intent sets "
+                "are reported once",
     }
     abl_te = abl["test_origin_labels"]
     reliability_png({"raw softmax": abl_te["raw_softmax"], "MoCaE": abl_te["mocae"]},

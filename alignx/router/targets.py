@@ -9,10 +9,11 @@ other tasks -> helpfulness.
 :func:`build_intent_targets` turns dataset-of-origin labels into intent targets by label
 propagation (Zhou et al., 2004, "Learning with local and global consistency") over a
 k-nearest-neighbour cosine graph of the prompts' features plus a small hand-labelled seed set
-(``router.seed_sets``: ``alignx/router/intent_seeds.jsonl``, and ``intent_seeds_2.jsonl``, the
-second seed set written against style-driven routing). The origin label enters as a weak prior,
-the seeds as strong labels, and a prompt may only move along the allowed transitions
-(TruthfulQA questions stay honesty, by construction of that dataset). The evaluation sets
+(``router.seed_sets``: ``alignx/router/intent_seeds.jsonl``, ``intent_seeds_2.jsonl``, the
+second seed set written against style-driven routing, and optionally the retired frozen sets).
+The origin label enters as a weak prior, the seeds as strong labels, and a prompt may only move
+along the allowed transitions (TruthfulQA questions stay honesty, by construction of that
+dataset). The evaluation sets
 (:data:`EVALUATION_SETS`: the held-out intent validation prompts and the frozen intent sets) are
 never used here.
 """
@@ -46,20 +47,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: hand-written seed files shipped in this package (``router.seed_sets`` picks among them)
-SHIPPED_SEED_SETS: tuple[str, ...] = ("intent_seeds.jsonl", "intent_seeds_2.jsonl")
+#: hand-labelled files shipped in this package for training or calibration
+#: (``router.seed_sets`` / ``router.calibration_sets`` pick among them): the two seed sets, and
+#: the second and third frozen intent sets, retired from evaluation once scored
+#: (``docs/experiments/shift_calibration_protocol.md``)
+SHIPPED_SEED_SETS: tuple[str, ...] = ("intent_seeds.jsonl", "intent_seeds_2.jsonl",
+                                      "intent_set_2.jsonl", "intent_set_3.jsonl")
 
-#: hand-labelled evaluation sets shipped in this package, never trained on: report key ->
-#: (file, title). ``intent_validation`` is held-out validation data (20% of the second seed
-#: set's writing, for choices); the frozen intent sets are test sets, reported once.
+#: hand-labelled evaluation sets shipped in this package, never trained or calibrated on:
+#: report key -> (file, title). ``intent_validation`` is held-out validation data (20% of the
+#: second seed set's writing, for choices); the frozen intent sets are test sets, reported once.
 EVALUATION_SETS: dict[str, tuple[str, str]] = {
     "intent_validation": ("intent_validation.jsonl", "held-out intent validation prompts "
                           "(validation: for choices)"),
     "intent_set": ("intent_set.jsonl", "frozen intent set (hand-labelled)"),
-    "intent_set_2": ("intent_set_2.jsonl", "second frozen intent set (hand-labelled, blind "
-                     "double-labelled)"),
-    "intent_set_3": ("intent_set_3.jsonl", "third frozen intent set (hand-labelled, blind "
-                     "double-labelled)"),
 }
 
 #: Which intent a prompt of each origin may be relabelled to (the origin itself always allowed).

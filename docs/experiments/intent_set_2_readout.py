@@ -18,7 +18,7 @@ import numpy as np
 
 from alignx.config import load_config
 from alignx.router import metrics as rmetrics
-from alignx.router.calibrate import _hand_labelled
+from alignx.router.calibrate import _shipped_set
 from alignx.router.serving import load
 
 ROWS = ("raw_softmax", "temperature", "fractal", "natural", "mocae_fitted", "mocae")
@@ -30,7 +30,7 @@ def readout(run_dir: Path) -> dict:
     axes = [a for a in cr.router.axes]
     encoder = cr.build_encoder(cfg.model)
     report = json.loads((run_dir / "router" / "router_report.json").read_text())
-    sets = {key: _hand_labelled(f"{key}.jsonl", axes) for key in ("intent_set", "intent_set_2")}
+    sets = {key: _shipped_set(f"{key}.jsonl", axes) for key in ("intent_set", "intent_set_2")}
     feats = {key: encoder.encode(texts) for key, (texts, _) in sets.items()}
     job, mine = report["intent_set"]["mocae"], cr.router.evaluate(
         feats["intent_set"], sets["intent_set"][1])["mocae"]

@@ -254,6 +254,27 @@ def test_read_seed_sets_joins_files_and_refuses_a_shared_prompt(tmp_path) -> Non
         read_seed_sets(["intent_seeds.jsonl", str(own)])
 
 
+def test_calibration_prompts_are_read_apart_from_the_seeds_and_never_shared(tmp_path) -> None:
+    from alignx.router.calibrate import _labelled_files
+
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"prompt": "Plan a picnic for six", "axis": "helpfulness"}) + "\n"
+                   + json.dumps({"prompt": "Is a goldfish's memory 3 s?", "axis": "honesty"}) + "\n")
+    old, old_axes = read_intent_prompts(name="intent_seeds.jsonl")
+    (seeds, seed_y), (cal, cal_y) = _labelled_files(("intent_seeds.jsonl",), (str(own),), list(AXES))
+    assert seeds == old and list(seed_y) == [AXES.index(a) for a in old_axes]
+    assert cal == ["Plan a picnic for six", "Is a goldfish's memory 3 s?"]
+    assert list(cal_y) == [AXES.index(Axis.HELPFULNESS), AXES.index(Axis.HONESTY)]
+    # restricted to the router's axes (a two-axis router drops the honesty prompt)
+    two = [Axis.HELPFULNESS, Axis.HARMLESSNESS]
+    assert _labelled_files(("intent_seeds.jsonl",), (str(own),), two)[1][0] == ["Plan a picnic for six"]
+    assert _labelled_files(("intent_seeds.jsonl",), (), list(AXES))[1][0] == []
+    # a calibration prompt that is also a seed would be in-sample for the calibrators
+    own.write_text(json.dumps({"prompt": old[3], "axis": "honesty"}) + "\n")
+    with pytest.raises(ValueError, match="hold one prompt twice"):
+        _labelled_files(("intent_seeds.jsonl",), (str(own),), list(AXES))
+
+
 def test_read_intent_prompts_rejects_bad_lines(tmp_path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi"}) + "\n")

@@ -23,7 +23,7 @@ import numpy as np
 
 from alignx.config import load_config
 from alignx.router import metrics as rmetrics
-from alignx.router.calibrate import _hand_labelled, gather_prompts
+from alignx.router.calibrate import _shipped_set, gather_prompts
 from alignx.router.serving import load
 from alignx.router.targets import EVALUATION_SETS
 
@@ -51,7 +51,7 @@ def readout(run_dir: Path) -> dict:
     axes = list(cr.router.axes)
     encoder = cr.build_encoder(cfg.model)
     report = json.loads((run_dir / "router" / "router_report.json").read_text())
-    sets = {key: _hand_labelled(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()}
+    sets = {key: _shipped_set(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()}
     feats = {key: encoder.encode(texts) for key, (texts, _) in sets.items()}
     job = report["intent_set"]["mocae"]
     mine = cr.router.evaluate(feats["intent_set"], sets["intent_set"][1])["mocae"]
