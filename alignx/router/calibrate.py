@@ -213,26 +213,48 @@ def _scores(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
 # ----------------------------------------------------------------------------- plot
 
 
-def reliability_png(rows: dict[str, np.ndarray], y: np.ndarray, path: Path, title: str) -> Path:
-    """Reliability diagram (confidence vs accuracy, 15 bins) for several probability sets."""
+def reliability_png(panels: dict[str, tuple[dict[str, np.ndarray], np.ndarray]], path: Path,
+                    title: str) -> Path:
+    """Reliability diagrams (confidence vs accuracy, 15 bins), one column per evaluation set.
+
+    Args:
+        panels: panel title -> ({row name: probabilities (N, A)}, labels (N,)).
+        path: the PNG to write (atomically).
+        title: the figure's title.
+
+    Each column shows every row's curve above the number of prompts in each confidence bin (a
+    log scale: a bin of three prompts scatters, and its point should be read as such).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for name, p in rows.items():
-        b = rmetrics.reliability_bins(p, y, 15)
-        keep = b.count > 0
-        ece = rmetrics.ece(p, y, 15)
-        ax.plot(b.confidence[keep], b.accuracy[keep], "o-", ms=4, label=f"{name} (ECE {ece:.3f})")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
-    ax.legend(loc="upper left", fontsize=8)
+    n = len(panels)
+    fig, axs = plt.subplots(2, n, figsize=(4.3 * n, 5.8), squeeze=False,
+                            gridspec_kw={"height_ratios": [3, 1]}, sharex="col")
+    for j, (name, (rows, y)) in enumerate(panels.items()):
+        ax, hist = axs[0, j], axs[1, j]
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        width = 1.0 / 15 / (len(rows) + 1)
+        for k, (row, p) in enumerate(rows.items()):
+            b = rmetrics.reliability_bins(p, y, 15)
+            keep = b.count > 0
+            ece = rmetrics.ece(p, y, 15)
+            line, = ax.plot(b.confidence[keep], b.accuracy[keep], "o-", ms=4,
+                            label=f"{row} (ECE {ece:.3f})")
+            hist.bar(b.edges[:-1] + (k + 0.5) * width, b.count, width=width,
+                     color=line.get_color(), align="edge")
+        ax.set(ylabel="accuracy" if j == 0 else None, xlim=(0, 1), ylim=(0, 1),
+               title=f"{name} (n={len(y)})")
+        ax.legend(loc="upper left", fontsize=7)
+        hist.set(xlabel="confidence", ylabel="prompts per bin" if j == 0 else None,
+                 yscale="log", xlim=(0, 1))
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -517,10 +539,13 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                 "intent_validation for experiments' choices); test and the frozen intent sets "
                 "are reported once",
     }
-    abl_te = abl["test_origin_labels"]
-    reliability_png({"raw softmax": abl_te["raw_softmax"], "MoCaE": abl_te["mocae"]},
-                    y_te, out_dir / "reliability.png",
-                    f"router reliability, test split ({cfg.router.encoder} encoder"
+    titles = {"test_origin_labels": "test split (origin labels)",
+              **{key: fname.removesuffix(".jsonl") for key, (fname, _) in EVALUATION_SETS.items()}}
+    reliability_png({titles[key]: ({"raw softmax": abl[key]["raw_softmax"],
+                                    "MoCaE": abl[key]["mocae"]}, y)
+                     for key, (_, y, _) in evals.items()},
+                    out_dir / "reliability.png",
+                    f"router reliability ({cfg.router.encoder} encoder"
                     f"{', fine-tuned' if finetune else ''})")
     router.save(out_dir)
     layout.save_config(cfg, "router/config.yaml")  # the resolved config this router came from

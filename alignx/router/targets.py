@@ -61,6 +61,8 @@ EVALUATION_SETS: dict[str, tuple[str, str]] = {
     "intent_validation": ("intent_validation.jsonl", "held-out intent validation prompts "
                           "(validation: for choices)"),
     "intent_set": ("intent_set.jsonl", "frozen intent set (hand-labelled)"),
+    "intent_set_4": ("intent_set_4.jsonl", "fourth frozen intent set (hand-labelled, blind "
+                     "double-labelled; writers and themes unseen by any router)"),
 }
 
 #: Which intent a prompt of each origin may be relabelled to (the origin itself always allowed).

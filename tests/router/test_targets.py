@@ -201,6 +201,7 @@ def test_shipped_seed_and_intent_sets_are_valid_and_disjoint() -> None:
     assert len(sets["intent_set.jsonl"][0]) >= 150
     assert len(sets["intent_set_2.jsonl"][0]) >= 500
     assert len(sets["intent_set_3.jsonl"][0]) >= 500
+    assert len(sets["intent_set_4.jsonl"][0]) >= 500
     assert len(sets["intent_seeds_2.jsonl"][0]) >= 600
     assert len(sets["intent_validation.jsonl"][0]) >= 150
     norms = {}
@@ -215,7 +216,7 @@ def test_shipped_seed_and_intent_sets_are_valid_and_disjoint() -> None:
             assert not norms[a] & norms[b], (a, b)
 
 
-@pytest.mark.parametrize("name", ["intent_set_2.jsonl", "intent_set_3.jsonl"])
+@pytest.mark.parametrize("name", ["intent_set_2.jsonl", "intent_set_3.jsonl", "intent_set_4.jsonl"])
 def test_blind_labelled_intent_sets_keep_every_label_and_use_the_majority(name: str) -> None:
     from importlib import resources
 
