@@ -75,7 +75,11 @@ def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
                            "router.calibration_sets=[intent_set_2.jsonl]"])
     with pytest.raises(AlignXConfigError, match="router.calibration_sets.*named twice"):
         load_config(None, ["router.calibration_sets=[intent_set_3.jsonl,intent_set_3.jsonl]"])
-    assert load_config(None).router.calibration_sets == ()
+    # the defaults: the second set trains, the third calibrates; [] = validation split only
+    d = load_config(None).router
+    assert d.seed_sets == ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl")
+    assert d.calibration_sets == ("intent_set_3.jsonl",)
+    assert load_config(None, ["router.calibration_sets=[]"]).router.calibration_sets == ()
     with pytest.raises(AlignXConfigError, match="router.seed_sets.*empty"):
         load_config(None, ["router.seed_sets=[]"])
     with pytest.raises(AlignXConfigError, match="router.seed_sets.*named twice"):
@@ -83,7 +87,7 @@ def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
     # the seeds are part of what the calibration stage is made from
     a = load_config(None, ["router.seed_sets=[intent_seeds.jsonl]"])
     assert a.stage_hash("calibrate") != cfg.stage_hash("calibrate")
-    b = load_config(None, ["router.calibration_sets=[intent_set_3.jsonl]"])
+    b = load_config(None, ["router.calibration_sets=[]"])
     assert b.stage_hash("calibrate") != load_config(None).stage_hash("calibrate")
 
 

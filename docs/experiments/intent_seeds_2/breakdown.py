@@ -1,8 +1,9 @@
-"""Where a saved router errs on the frozen intent sets 2 and 3: confusion matrix, recall per
-intent, accuracy by theme and for the writers' boundary cases, and the most confident errors.
-Reporting only (``intent_seeds_2_protocol.md``): nothing is chosen on it.
+"""Where a saved router errs on frozen intent sets (2 and 3 unless ``--sets`` names others):
+confusion matrix, recall per intent, accuracy by theme and for the writers' boundary cases, and
+the most confident errors. Reporting only (``intent_seeds_2_protocol.md``,
+``shift_calibration_protocol.md``): nothing is chosen on it.
 
-    python docs/experiments/intent_seeds_2/breakdown.py RUN_DIR [RUN_DIR ...]
+    python docs/experiments/intent_seeds_2/breakdown.py [--sets intent_set_4.jsonl] RUN_DIR [RUN_DIR ...]
 """
 
 import collections
@@ -22,7 +23,8 @@ def rows(name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def breakdown(run_dir: Path, n_errors: int = 8) -> None:
+def breakdown(run_dir: Path, sets: tuple[str, ...] = ("intent_set_2.jsonl", "intent_set_3.jsonl"),
+              n_errors: int = 8) -> None:
     cfg = load_config(run_dir / "router" / "config.yaml")
     cr = load(run_dir)
     axes = [a.value for a in cr.router.axes]
@@ -30,7 +32,7 @@ def breakdown(run_dir: Path, n_errors: int = 8) -> None:
     report = json.loads((run_dir / "router" / "router_report.json").read_text())
     # a report from before router.seed_sets existed was trained on the first seed file alone
     print(f"== {run_dir} (seed {cfg.seed}, seeds {report.get('seed_sets', ['intent_seeds.jsonl'])})")
-    for name in ("intent_set_2.jsonl", "intent_set_3.jsonl"):
+    for name in sets:
         rs = rows(name)
         y = np.array([axes.index(r["axis"]) for r in rs])
         p = cr.router.predict(encoder.encode([r["prompt"] for r in rs])).weights  # (N, A)
@@ -57,7 +59,11 @@ def breakdown(run_dir: Path, n_errors: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    sets = ("intent_set_2.jsonl", "intent_set_3.jsonl")
+    if args[:1] == ["--sets"] and len(args) >= 2:
+        sets, args = tuple(args[1].split(",")), args[2:]
+    if not args:
         sys.exit(__doc__)
-    for arg in sys.argv[1:]:
-        breakdown(Path(arg))
+    for arg in args:
+        breakdown(Path(arg), sets)
