@@ -55,7 +55,10 @@ def main() -> None:
     for run_dir in a.run_dirs:
         out = base.readout(run_dir)
         cfg = load_config(run_dir / "router" / "config.yaml")
-        out["calibration_sets"] = list(cfg.router.calibration_sets)
+        # from the report: an older run's config.yaml lacks the key, and loading it fills
+        # in today's default
+        report = json.loads((run_dir / "router" / "router_report.json").read_text())
+        out["calibration_sets"] = report.get("calibration_sets", [])
         cr = load(run_dir)
         axes = list(cr.router.axes)
         encoder = cr.build_encoder(cfg.model)
