@@ -5,7 +5,8 @@ the training clouds, T(x) = exp(a + b z(x)), z the standardised nearest-centroid
 On the D-half run of seed 0 (``shift_calibration_protocol.md``): the MoCaE calibrators are
 refitted on one half of the origin validation split + the third set's calibration half, then
 (a, b) by class-balanced NLL on the same rows; held out are the other origin half and the third
-set's decision half. Never reads the test split or the fourth set.
+set's decision half. Never reads the test split or the fourth set. Needs scipy, which the
+sentence encoder's sentence-transformers installs.
 
     ALIGNX_DATA_DIR=../shared/data python docs/experiments/shift_calibration/distance_temperature_probe.py RUN_DIR DUMP.pkl
 """
