@@ -162,19 +162,18 @@ class RouterCfg(_Section):
     )
     seed_sets: tuple[str, ...] = Field(
         ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl"),
-        description="Hand-written intent seed "
-        "files (intent targets only): names shipped in alignx/router/ (intent_seeds.jsonl: 360 "
-        "seeds; intent_seeds_2.jsonl: 756 more, in four registers, chosen on validation by "
-        "docs/experiments/intent_seeds_2_protocol.md; intent_set_2.jsonl / intent_set_3.jsonl: "
-        "retired frozen sets, 595 each, the first a default seed file since "
-        "docs/experiments/shift_calibration_protocol.md) or paths to JSON Lines files of "
-        "{prompt, axis}. The "
-        "evaluation sets (intent_set.jsonl, intent_set_4.jsonl, intent_validation.jsonl) are "
-        "refused: a router is never trained on them.",
+        description="Hand-written intent seed files (intent targets only): names shipped in "
+        "alignx/router/ (intent_seeds.jsonl: 360 seeds; intent_seeds_2.jsonl: 756 more, in four "
+        "registers, chosen on validation by docs/experiments/intent_seeds_2_protocol.md; "
+        "intent_set_2.jsonl / intent_set_3.jsonl: retired frozen sets, 595 each, the first a "
+        "default seed file since docs/experiments/shift_calibration_protocol.md) or paths to "
+        "JSON Lines files of {prompt, axis}. The evaluation sets (intent_set.jsonl, "
+        "intent_set_4.jsonl, intent_validation.jsonl) are refused: a router is never trained "
+        "on them.",
     )
     calibration_sets: tuple[str, ...] = Field(
-        ("intent_set_3.jsonl",), description="Hand-labelled prompt files (names as for seed_sets, or paths) that "
-        "join the validation split in every validation objective of the MoCaE fit (early "
+        ("intent_set_3.jsonl",), description="Hand-labelled prompt files (names as for "
+        "seed_sets, or paths) that join the validation split in every validation objective of the MoCaE fit (early "
         "stopping, T, T_F, tau_N, lambda, T_pool, OOD radius) and are never trained on: "
         "prompts by writers the router did not learn from teach the calibrators how far to "
         "trust it on new writers (docs/experiments/shift_calibration_protocol.md; [] = "

@@ -8,8 +8,8 @@
 3. Build training targets: dataset of origin, or intent targets (label propagation from the
    hand-written seeds of ``router.seed_sets``; METHOD.md step 3).
 4. Fit :class:`~alignx.router.mocae.MoCaERouter` on train (+ seeds), choose T / tau_N / lambda /
-   fractal mode on validation (+ the hand-labelled prompts of ``router.calibration_sets``), and report every ablation row on the held-out intent validation prompts
-   and once on the test split (dataset-origin labels) and the frozen hand-labelled intent sets
+   fractal mode on validation (+ the hand-labelled prompts of ``router.calibration_sets``), and
+   report every ablation row on the held-out intent validation prompts and once on the test split (dataset-origin labels) and the frozen hand-labelled intent sets
    (:data:`~alignx.router.targets.EVALUATION_SETS`), plus OOD AUROC against ``ood_set.jsonl``.
 5. Write ``<run_dir>/router/``: the router (safetensors + JSON), ``router_report.json``,
    ``reliability.png`` and ``manifest.json`` last.
@@ -78,12 +78,11 @@ def _labelled_files(
         ValueError: a file's bad line, or one prompt in two of the files (a calibration prompt
             that is also a seed would be in-sample for the calibrators).
     """
-    from alignx.router.targets import read_seed_sets
+    from alignx.router.targets import read_seed_sets, refuse_shared_prompt
 
-    texts, labels = read_seed_sets((*seed_sets, *calibration_sets))  # refuses a shared prompt
-    n_seed = len(read_seed_sets(seed_sets)[0])
-    return (_restrict(texts[:n_seed], labels[:n_seed], axes),
-            _restrict(texts[n_seed:], labels[n_seed:], axes))
+    seeds, cal = read_seed_sets(seed_sets), read_seed_sets(calibration_sets)
+    refuse_shared_prompt([*seeds[0], *cal[0]], (*seed_sets, *calibration_sets))
+    return _restrict(*seeds, axes), _restrict(*cal, axes)
 
 
 def gather_prompts(cfg: AlignXConfig, split: str) -> tuple[list[str], np.ndarray]:

@@ -41,6 +41,7 @@ __all__ = [
     "build_intent_targets",
     "read_intent_prompts",
     "read_seed_sets",
+    "refuse_shared_prompt",
     "EVALUATION_SETS",
     "SHIPPED_SEED_SETS",
 ]
@@ -163,13 +164,19 @@ def read_seed_sets(names: Sequence[str]) -> tuple[list[str], list[Axis]]:
                 else read_intent_prompts(path=name))
         prompts += p
         axes += a
+    refuse_shared_prompt(prompts, names)
+    return prompts, axes
+
+
+def refuse_shared_prompt(prompts: Sequence[str], names: Sequence[str]) -> None:
+    """Raise ValueError if two of ``prompts`` (read from the files ``names``) are the same
+    prompt up to case and white space."""
     seen: set[str] = set()
     for p in prompts:
         key = " ".join(p.lower().split())
         if key in seen:
             raise ValueError(f"the seed files {list(names)} hold one prompt twice: {p!r}")
         seen.add(key)
-    return prompts, axes
 
 
 def _knn_graph(

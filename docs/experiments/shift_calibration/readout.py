@@ -22,8 +22,6 @@ import json
 import pickle
 from pathlib import Path
 
-import numpy as np
-
 from alignx.config import load_config
 from alignx.router.calibrate import _labelled_files, _shipped_set, gather_prompts
 from alignx.router.mocae import MoCaERouter
@@ -69,11 +67,11 @@ def main() -> None:
         print(json.dumps(out), flush=True)
         if a.refit_without_calibration:
             fit = pickle.load(open(a.refit_without_calibration, "rb"))["fits"][0]
-            n_va = len(gather_prompts(cfg, "validation")[1])
+            va_texts, va_y = gather_prompts(cfg, "validation")
+            n_va = len(va_y)  # the fit's validation rows: these first, then the calibration ones
             r = MoCaERouter(fit["config"], axes=axes).fit(
                 fit["h_tr"], fit["y_tr"], fit["h_va"][:n_va], fit["y_va"][:n_va],
                 sample_weight=fit["sw"])
-            va_texts, va_y = gather_prompts(cfg, "validation")
             abl = {"run_dir": str(run_dir), "seed": cfg.seed, "seed_sets": out["seed_sets"],
                    "calibration_sets": [], "ablation": "refit without calibration prompts",
                    "validation_origin": base.scored(r, encoder.encode(va_texts), va_y, cfg.seed)}
@@ -82,7 +80,6 @@ def main() -> None:
                 abl[key] = base.scored(r, encoder.encode(t), y, cfg.seed)
             for key, (_, y) in sets.items():
                 abl[key] = base.scored(r, feats[key], y, cfg.seed)
-            assert np.isfinite(abl["validation_origin"]["rows"]["mocae"]["nll"])
             print(json.dumps(abl), flush=True)
 
 
