@@ -43,7 +43,7 @@ from alignx.router.features import (
 if TYPE_CHECKING:
     from alignx.axes import Axis
     from alignx.config import AlignXConfig
-    from alignx.router.mocae import MoCaEConfig
+    from alignx.router.mocae import MoCaEConfig, MoCaERouter
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,18 @@ def check_inputs(cfg: AlignXConfig) -> None:
         check_same_base(base_model_id(cfg.model), m.base_model, f"adapter {a.value}")
 
 
+def _pool_temperature_summary(router: MoCaERouter) -> dict[str, Any]:
+    """Step 6's pooling temperature as predict uses it: its form, the shared or per-axis T_pool,
+    and (a, b) of ``T_pool(x) = exp(a + b z)`` with the distance statistics when distance-aware."""
+    t = router.pool_t
+    out: dict[str, Any] = {"form": router.pool_form,
+                           "T_pool": float(t) if np.ndim(t) == 0 else [float(v) for v in t]}
+    if router.pool_form == "distance":
+        out["distance_ab"] = list(router.distance_ab or ())
+        out["distance_mean_sd"] = list(router.distance_stats)
+    return out
+
+
 def mocae_config(cfg: AlignXConfig) -> MoCaEConfig:
     """The :class:`MoCaEConfig` that ``cfg.router`` and ``cfg.seed`` describe."""
     from alignx.router.mocae import MoCaEConfig
@@ -338,6 +350,7 @@ def mocae_config(cfg: AlignXConfig) -> MoCaEConfig:
         latent_dim=r.latent_dim, epsilon=r.epsilon,
         fractal_mode=r.fractal_mode, fractal_bias=r.fractal_bias,
         pool_temperature_per_axis=r.pool_temperature == "per_axis",
+        pool_temperature_distance=r.pool_temperature == "distance",
         ood_quantile=r.ood_quantile,
         calibration_weights=tuple(r.calibration_weights),  # type: ignore[arg-type]
         lambda_mode=r.lambda_mode, seed=cfg.seed,
@@ -532,7 +545,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                 *((key, abl[key]["mocae"], y, None) for key, (_, y, _) in evals.items()))},
         "validation_nll": dict(router.val_nll),
         "chosen": {"fractal_mode": router.fractal_mode, "temperature": router.temperature,
-                   "lambdas": [float(x) for x in router.lambdas]},
+                   "lambdas": [float(x) for x in router.lambdas],
+                   "pool_temperature": _pool_temperature_summary(router)},
         "note": "all rows are chosen on validation (the validation split, plus the "
                 "calibration prompts in every validation objective of the fit, and "
                 "intent_validation for experiments' choices); test and the frozen intent sets "
@@ -563,6 +577,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "temperature": router.temperature,
         "epsilon": cfg.router.epsilon,
         "fractal_mode": router.fractal_mode,
+        "pool_temperature": _pool_temperature_summary(router),
         "metrics": {**{key: report[key]["mocae"] for key in evals}, "ood_auroc": ood["auroc"]},
         "config_hash": cfg.stage_hash("calibrate"),
         "seconds": round(time.time() - t0, 1),
@@ -607,6 +622,14 @@ def format_report(report: dict[str, Any]) -> str:
             cells = [f"{ax} {r['confidence']:.3f} / {r['accuracy']:.3f} ({r['n']})"
                      if r["n"] else f"{ax} - (0)" for ax, r in rows.items()]
             out.append(f"  {key:<29} " + "; ".join(cells))
+    pt = report.get("chosen", {}).get("pool_temperature")
+    if pt:  # reports written before the forms existed have none
+        line = f"\npooling temperature: {pt['form']}, T_pool {pt['T_pool']}"
+        if pt["form"] == "distance":
+            (a, b), (mu, sd) = pt["distance_ab"], pt["distance_mean_sd"]
+            line += (f"; per request exp({a:+.3f} {b:+.3f} z), z = (nearest-centroid distance - "
+                     f"{mu:.3f}) / {sd:.3f}")
+        out.append(line)
     o = report["ood"]
     out.append(f"\nOOD AUROC {o['auroc']:.3f} (flagged: in-dist {o['flagged_in_distribution']:.3f}, "
                f"ood {o['flagged_ood']:.3f}) — {o['ood_set']}")

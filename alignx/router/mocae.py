@@ -45,6 +45,7 @@ from alignx.axes import AXES, Axis, parse_axis
 from alignx.router import metrics
 
 PoolTemperature = float | np.ndarray  # one T_pool, or one per predicted axis (A,)
+PoolForm = Literal["shared", "per_axis", "distance"]
 
 # Fewest validation rows a predicted axis needs for its own T_pool (else it keeps the shared one)
 MIN_ROWS_PER_AXIS_T = 30
@@ -87,6 +88,7 @@ ABLATION_ROWS: tuple[str, ...] = (
     "mocae",
     "mocae_shared_pool_t",
     "mocae_per_axis_pool_t",
+    "mocae_distance_pool_t",
 )
 
 WEIGHTS_FILE = "router.safetensors"
@@ -772,6 +774,12 @@ class MoCaEConfig:
             Lambda and the fractal mode are still chosen with the shared T_pool and a row's
             classes share one exponent, so the argmax (every ``top1`` decision) is that of the
             shared form; only confidences move, which can change ``threshold`` fallbacks.
+        pool_temperature_distance: a pooling temperature that grows with the request's
+            distance from the training clouds, ``T_pool(x) = exp(a + b z(x))``, z the fractal
+            OOD score (nearest-centroid distance) standardised over the validation rows,
+            (a, b) by validation NLL after lambda and the mode are chosen with the shared
+            T_pool (``docs/experiments/seeds_4_protocol.md``). Argmax-preserving, as above.
+            Exclusive with ``pool_temperature_per_axis``.
     """
 
     latent_dim: int = 256
@@ -794,6 +802,7 @@ class MoCaEConfig:
     seed: int = 0
     fractal_bias: bool = False
     pool_temperature_per_axis: bool = False
+    pool_temperature_distance: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -820,6 +829,9 @@ class MoCaEConfig:
             problems.append(f"knn_k must be >= 1, got {self.knn_k}")
         if self.ood_quantile is not None and not 0.0 < self.ood_quantile <= 1.0:
             problems.append(f"ood_quantile must be in (0, 1] or None, got {self.ood_quantile}")
+        if self.pool_temperature_per_axis and self.pool_temperature_distance:
+            problems.append("pool_temperature_per_axis and pool_temperature_distance are "
+                            "exclusive: choose one form of T_pool")
         if problems:
             raise ValueError("invalid MoCaEConfig: " + "; ".join(problems))
 
@@ -873,6 +885,10 @@ class MoCaERouter:
         self.lambda_fitted: dict[str, float] = {}  # lambda_1 per fractal mode
         # T_pool per "<fixed|fitted>_<mode>"; per axis (A,) under "<fixed|fitted>_<mode>_per_axis"
         self.pool_temperature: dict[str, PoolTemperature] = {}
+        # distance-aware T_pool: (a, b) per "<fixed|fitted>_<mode>", z = (d - mu) / sd with
+        # distance_stats = (mu, sd) of the validation OOD scores
+        self.distance_temperature: dict[str, tuple[float, float]] = {}
+        self.distance_stats: tuple[float, float] = (0.0, 1.0)
         self.val_nll: dict[str, float] = {}
 
     # ------------------------------------------------------------------ fit
@@ -1007,6 +1023,9 @@ class MoCaERouter:
         # Step 6: p_hat = pool(lambda_1 c_F + lambda_2 c_N); per fractal mode, the paper lambda
         # and a fitted one, each with its pooling temperature, then the mode by validation NLL
         lam1 = cfg.calibration_weights[0]
+        d_va = fr_val["ood_score"]  # (M,) nearest-centroid distance, for the distance T_pool
+        self.distance_stats = (float(d_va.mean()), float(max(d_va.std(), 1e-12)))
+        z_va = self._standardise(d_va)  # (M,)
         self.val_nll = {"temperature": _nll(p_val, y_va, w_va), "natural": _nll(c_n, y_va, w_va)}
         for mode in FRACTAL_MODES:
             c_f = self.fractal.probs(fr_val[mode], fr_val["ood"], mode)
@@ -1029,6 +1048,11 @@ class MoCaERouter:
                 self.pool_temperature[f"{kind}_{mode}{_PER_AXIS}"] = t_ax
                 self.val_nll[f"mocae_{kind}_{mode}{_PER_AXIS}"] = _nll(
                     _pool(c_f, c_n, l1, t_ax), y_va, w_va)
+                # distance-aware T_pool (a, b), likewise after lambda (always fitted)
+                ab = _fit_distance_pool_temperature(c_f, c_n, l1, y_va, w_va, z_va, t_shared)
+                self.distance_temperature[f"{kind}_{mode}"] = ab
+                self.val_nll[f"mocae_{kind}_{mode}_distance"] = _nll(
+                    _pool(c_f, c_n, l1, _distance_t(ab, z_va)), y_va, w_va)
         if cfg.fractal_mode == "auto":
             self.fractal_mode = min(
                 FRACTAL_MODES, key=lambda m: self.val_nll[f"mocae_{cfg.lambda_mode}_{m}"]
@@ -1146,9 +1170,9 @@ class MoCaERouter:
         ``fractal_knn``, ``fractal`` (the selected mode), ``natural``, ``mocae_paper``
         (0.6 c_F + 0.4 c_N, literally), ``mocae_fixed`` (paper lambda + pooling temperature),
         ``mocae_fitted`` (validation lambda + pooling temperature), ``mocae`` (what predict
-        returns), ``mocae_per_axis_pool_t`` or ``mocae_shared_pool_t`` (``mocae`` with the other
-        ``pool_temperature_per_axis`` setting; missing for routers saved before per-axis
-        temperatures existed), plus ``ood`` (N,) and ``ood_score`` (N,).
+        returns), ``mocae_shared_pool_t`` / ``mocae_per_axis_pool_t`` /
+        ``mocae_distance_pool_t`` (``mocae`` with each T_pool form not configured; a form is
+        missing for routers saved before it existed), plus ``ood`` (N,) and ``ood_score`` (N,).
 
         Args:
             h: features (N, d).
@@ -1177,15 +1201,18 @@ class MoCaERouter:
         out["mocae_paper"] = _pool(c_f, c_n, lam1, 1.0)  # step 6 literally
         lams = {"fixed": lam1, "fitted": self.lambda_fitted[mode]}
         for kind, l1 in lams.items():
-            out[f"mocae_{kind}"] = _pool(c_f, c_n, l1, self._pool_temperature(kind))
+            t = self._row_pool_temperature(kind, self.pool_form, fr["ood_score"])
+            out[f"mocae_{kind}"] = _pool(c_f, c_n, l1, t)
         out["mocae"] = out[f"mocae_{self.config.lambda_mode}"]
-        # "mocae" with the other pooling-temperature setting; routers saved before the per-axis
-        # temperatures existed have none
-        kind, other = self.config.lambda_mode, not self.config.pool_temperature_per_axis
-        key = f"{kind}_{mode}{_PER_AXIS if other else ''}"
-        if key in self.pool_temperature:
-            out[f"mocae_{'per_axis' if other else 'shared'}_pool_t"] = _pool(
-                c_f, c_n, lams[kind], self.pool_temperature[key])
+        # "mocae" with each other pooling-temperature form; routers saved before a form existed
+        # have none of it
+        kind = self.config.lambda_mode
+        for form in ("shared", "per_axis", "distance"):
+            if form == self.pool_form:
+                continue
+            t = self._row_pool_temperature(kind, form, fr["ood_score"])
+            if t is not None:
+                out[f"mocae_{form}_pool_t"] = _pool(c_f, c_n, lams[kind], t)
         out["ood"] = fr["ood"]
         out["ood_score"] = fr["ood_score"]
         return out
@@ -1199,16 +1226,42 @@ class MoCaERouter:
         lf = self.lambda_fitted[self.fractal_mode]
         return (lf, 1.0 - lf)
 
-    def _pool_temperature(self, kind: str) -> PoolTemperature:
-        """T_pool of the ``fixed`` or ``fitted`` pool at the chosen mode, as configured."""
-        suffix = _PER_AXIS if self.config.pool_temperature_per_axis else ""
-        return self.pool_temperature[f"{kind}_{self.fractal_mode}{suffix}"]
+    @property
+    def pool_form(self) -> PoolForm:
+        """The configured form of T_pool: ``shared``, ``per_axis`` or ``distance``."""
+        if self.config.pool_temperature_distance:
+            return "distance"
+        return "per_axis" if self.config.pool_temperature_per_axis else "shared"
+
+    def _standardise(self, d: np.ndarray) -> np.ndarray:
+        """z = (d - mu) / sd of OOD scores d (N,) with the validation statistics."""
+        mu, sd = self.distance_stats
+        return (np.asarray(d, dtype=np.float64) - mu) / sd
+
+    def _row_pool_temperature(
+        self, kind: str, form: PoolForm, ood_score: np.ndarray
+    ) -> PoolTemperature | None:
+        """T_pool of the ``fixed``/``fitted`` pool at the chosen mode in a given form: a float,
+        (A,) per predicted axis, or (N, 1) per row for ``distance``; None if not fitted."""
+        key = f"{kind}_{self.fractal_mode}"
+        if form == "distance":
+            ab = self.distance_temperature.get(key)
+            return None if ab is None else _distance_t(ab, self._standardise(ood_score))
+        return self.pool_temperature.get(key + (_PER_AXIS if form == "per_axis" else ""))
 
     @property
     def pool_t(self) -> PoolTemperature:
-        """T_pool used by :meth:`predict`: one float, or (A,) one per predicted axis."""
+        """The shared or per-axis T_pool of :meth:`predict`: one float, or (A,) one per predicted
+        axis; with the distance form, the shared T_pool (its coefficients: ``distance_ab``)."""
         self._check_fitted()
-        return self._pool_temperature(self.config.lambda_mode)
+        form = "per_axis" if self.pool_form == "per_axis" else "shared"
+        return self._row_pool_temperature(self.config.lambda_mode, form, np.zeros(0))
+
+    @property
+    def distance_ab(self) -> tuple[float, float] | None:
+        """(a, b) of the distance-aware T_pool at the chosen lambda and mode, if fitted."""
+        self._check_fitted()
+        return self.distance_temperature.get(f"{self.config.lambda_mode}_{self.fractal_mode}")
 
     def predict(self, h: np.ndarray) -> RouteResult:
         """Calibrated routing weights for features h (METHOD.md steps 2-6); numpy only.
@@ -1230,7 +1283,9 @@ class MoCaERouter:
         fr = self.fractal.log_rho(z, (self.fractal_mode,))  #                 step 4
         c_f = self.fractal.probs(fr[self.fractal_mode], fr["ood"], self.fractal_mode)
         c_n = self.natural.probs(p_t)  # (N, A)                                step 5
-        p_hat = _pool(c_f, c_n, self.lambdas[0], self.pool_t)  # (N, A)        step 6
+        t_pool = self._row_pool_temperature(self.config.lambda_mode, self.pool_form,
+                                            fr["ood_score"])
+        p_hat = _pool(c_f, c_n, self.lambdas[0], t_pool)  # (N, A)             step 6
         return RouteResult(
             weights=p_hat,
             confidence=p_hat.max(axis=1),
@@ -1307,6 +1362,8 @@ class MoCaERouter:
             "pool_temperature": {k: _jsonable_t(v) for k, v in self.pool_temperature.items()},
             "lambdas": list(self.lambdas),
             "pool_temperature_used": _jsonable_t(self.pool_t),
+            "distance_temperature": {k: list(v) for k, v in self.distance_temperature.items()},
+            "distance_stats": list(self.distance_stats),
             "correlation_dimension": dict(zip(names, fr.dim.tolist(), strict=True)),
             "knn_dimension": dict(zip(names, fr.knn_dim.tolist(), strict=True)),
             "val_nll": dict(self.val_nll),
@@ -1362,6 +1419,7 @@ class MoCaERouter:
         cfg["calibration_weights"] = tuple(cfg["calibration_weights"])
         cfg.setdefault("fractal_bias", False)  # routers saved before the per-axis offsets
         cfg.setdefault("pool_temperature_per_axis", False)  # ... and before per-axis T_pool
+        cfg.setdefault("pool_temperature_distance", False)  # ... and before distance T_pool
         router = cls(MoCaEConfig(**cfg), axes=meta["axes"])
         router.mean = arrays["mean"]
         router.projection = arrays["projection"]
@@ -1390,6 +1448,9 @@ class MoCaERouter:
             k: np.asarray(v, dtype=np.float64) if isinstance(v, list) else float(v)
             for k, v in meta["pool_temperature"].items()
         }
+        router.distance_temperature = {
+            k: (float(v[0]), float(v[1])) for k, v in meta.get("distance_temperature", {}).items()}
+        router.distance_stats = tuple(meta.get("distance_stats", (0.0, 1.0)))  # type: ignore[assignment]
         router.val_nll = dict(meta["val_nll"])
         router.fitted = True
         return router
@@ -1409,10 +1470,13 @@ def _pool(c_f: np.ndarray, c_n: np.ndarray, lam1: float, t_pool: PoolTemperature
     A linear pool of two calibrated distributions is under-confident wherever they disagree;
     one temperature on the pool, fitted on validation NLL, restores calibration without
     changing the argmax (T_pool = 1 is METHOD.md's literal form). With one T_pool per axis
-    (A,), each row takes the temperature of its argmax axis: still argmax-preserving, since a
-    row's classes share one exponent.
+    (A,), each row takes the temperature of its argmax axis; with one per row (N, 1) (the
+    distance form), each row its own: still argmax-preserving, since a row's classes share one
+    exponent.
     """
     p = lam1 * c_f + (1.0 - lam1) * c_n  # (N, A)
+    if np.ndim(t_pool) == 2:  # (N, 1) per row
+        return _softmax(np.log(np.clip(p, 1e-12, 1.0)) / t_pool)
     if np.ndim(t_pool) == 0:
         if t_pool == 1.0:
             return p
@@ -1449,6 +1513,41 @@ def _fit_per_axis_pool_temperature(
         if len(rows) >= MIN_ROWS_PER_AXIS_T:
             t_axis[a] = _fit_pool_temperature(c_f[rows], c_n[rows], lam1, y[rows], w[rows])
     return t_axis
+
+
+_LOG_T_POOL = (math.log(0.05), math.log(20.0))  # search range and clip of log T_pool
+
+
+def _distance_t(ab: tuple[float, float], z: np.ndarray) -> np.ndarray:
+    """Per-row T_pool (N, 1) = exp(a + b z), the exponent clipped to the T_pool search range."""
+    a, b = ab
+    return np.exp(np.clip(a + b * np.asarray(z, dtype=np.float64), *_LOG_T_POOL))[:, None]
+
+
+def _fit_distance_pool_temperature(
+    c_f: np.ndarray,
+    c_n: np.ndarray,
+    lam1: float,
+    y: np.ndarray,
+    w: np.ndarray,
+    z: np.ndarray,
+    shared: float,
+) -> tuple[float, float]:
+    """(a, b) of ``T_pool(x) = exp(a + b z(x))`` minimising the weighted validation NLL.
+
+    Golden section on b in [-2, 2] (per standard deviation of distance), each b with the best
+    a in the T_pool range; kept only if it beats b = 0, a = log ``shared`` (the shared T_pool).
+    """
+    def nll(a: float, b: float) -> float:
+        return _nll(_pool(c_f, c_n, lam1, _distance_t((a, b), z)), y, w)
+
+    def best_a(b: float) -> float:
+        return _golden_min(lambda a: nll(a, b), *_LOG_T_POOL, iters=40)
+
+    b = _golden_min(lambda b: nll(best_a(b), b), -2.0, 2.0, iters=40)
+    a = best_a(b)
+    base = (math.log(shared), 0.0)
+    return (a, b) if nll(a, b) < nll(*base) else base
 
 
 def _fractal_probs(

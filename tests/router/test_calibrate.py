@@ -50,7 +50,14 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     rows = set(report["test_origin_labels"])
     assert {"logistic_origin_baseline", "mocae_frozen_encoder", "mocae_with_fractal_bias",
             "raw_softmax", "temperature", "fractal", "natural", "mocae",
-            "mocae_per_axis_pool_t"} <= rows  # the setting not shipped (router.pool_temperature)
+            "mocae_per_axis_pool_t", "mocae_distance_pool_t"} <= rows  # the T_pool forms not
+    # shipped (router.pool_temperature), each a row; the one shipped is "mocae" and in the manifest
+    form = cfg.router.pool_temperature
+    assert f"mocae_{form}_pool_t" not in rows and manifest["pool_temperature"]["form"] == form
+    assert report["chosen"]["pool_temperature"] == manifest["pool_temperature"]
+    assert form == "distance"  # tiny.yaml: so (a, b) and the distance statistics travel too
+    pt = manifest["pool_temperature"]
+    assert len(pt["distance_ab"]) == 2 and pt["distance_mean_sd"][1] > 0
     ft = report["encoder_finetune"]
     assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 1
     assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]
@@ -97,6 +104,7 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     assert (d / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     text = format_report(report)  # what `alignx calibrate` prints
     assert "by predicted axis" in text and "validation_in_sample" in text
+    assert "pooling temperature: distance" in text
     for _, title in EVALUATION_SETS.values():
         assert title in text
     assert set(manifest["metrics"]) == {*EVALS, "ood_auroc"}

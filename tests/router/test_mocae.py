@@ -16,6 +16,8 @@ from alignx.router.mocae import (
     FractalCalibrator,
     MoCaEConfig,
     MoCaERouter,
+    _distance_t,
+    _fit_distance_pool_temperature,
     _fit_per_axis_pool_temperature,
     _fit_pool_temperature,
     _pool,
@@ -238,6 +240,87 @@ def test_per_axis_pool_temperature_recovers_each_predicted_axis_own_miscalibrati
     assert t_few[2] == shared_few and t_few[0] == pytest.approx(3.0, rel=0.15)
 
 
+def _distance_miscalibrated(a0: float, b0: float, n: int = 8000, seed: int = 0):
+    """Pool inputs whose sharpness depends on a distance z ~ N(0, 1): the reported p is the true
+    q raised to exp(a0 + b0 z), so T_pool(x) = exp(a0 + b0 z) undoes it exactly."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, size=(n, 3))
+    q = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=row) for row in q])
+    z = rng.standard_normal(n)
+    p = np.exp(np.log(q) * np.exp(a0 + b0 * z)[:, None])
+    return p / p.sum(1, keepdims=True), labels, z
+
+
+def test_distance_pool_temperature_recovers_a_sharpness_that_grows_with_distance() -> None:
+    """Too sharp far from the clouds (z > 0), too soft near them: exp(0.2 + 0.5 z)."""
+    p, labels, z = _distance_miscalibrated(0.2, 0.5)
+    w = np.ones(len(labels))
+    shared = _fit_pool_temperature(p, p, 0.5, labels, w)
+    a, b = _fit_distance_pool_temperature(p, p, 0.5, labels, w, z, shared)
+    assert a == pytest.approx(0.2, abs=0.08) and b == pytest.approx(0.5, abs=0.08)
+    out = {"shared": _pool(p, p, 0.5, shared), "distance": _pool(p, p, 0.5, _distance_t((a, b), z))}
+    assert metrics.nll(out["distance"], labels) < metrics.nll(out["shared"], labels)
+    assert metrics.ece(out["distance"], labels) < metrics.ece(out["shared"], labels)
+    for q in out.values():  # one exponent per row: the argmax never moves
+        np.testing.assert_array_equal(q.argmax(1), p.argmax(1))
+        np.testing.assert_allclose(q.sum(1), 1.0)
+
+
+def test_distance_pool_temperature_is_flat_when_sharpness_does_not_depend_on_distance() -> None:
+    p, labels, z = _distance_miscalibrated(0.4, 0.0)
+    w = np.ones(len(labels))
+    shared = _fit_pool_temperature(p, p, 0.5, labels, w)
+    a, b = _fit_distance_pool_temperature(p, p, 0.5, labels, w, z, shared)
+    assert abs(b) < 0.06 and a == pytest.approx(math.log(shared), abs=0.05)
+    assert shared == pytest.approx(math.exp(0.4), rel=0.08)
+    # an extreme distance cannot push T_pool outside the search range
+    t = _distance_t((a, 2.0), np.array([-100.0, 0.0, 100.0]))
+    assert t.shape == (3, 1) and t[0, 0] == pytest.approx(0.05) and t[2, 0] == pytest.approx(20.0)
+
+
+def test_distance_pool_temperature_router_keeps_every_argmax_and_round_trips(
+    tmp_path: Path,
+) -> None:
+    x_tr, y_tr = _clusters(60, seed=0, spread=1.5)
+    x_va, y_va = _clusters(40, seed=1, spread=1.5)
+    x_te, y_te = _clusters(30, seed=2, spread=1.5)
+    x_te[:10] *= 1.6  # some requests farther from the clouds
+    fits = {on: MoCaERouter(MoCaEConfig(lr=1e-2, max_epochs=40, pool_temperature_distance=on))
+            .fit(x_tr, y_tr, x_va, y_va) for on in (False, True)}
+    shared, dist = fits[False], fits[True]
+    assert (shared.pool_form, dist.pool_form) == ("shared", "distance")
+    assert dist.distance_temperature == shared.distance_temperature  # always fitted
+    mu, sd = dist.distance_stats
+    assert sd > 0 and mu == pytest.approx(
+        float(dist.fractal.log_rho(dist._latent(x_va))["ood_score"].mean()))
+    a, b = dist.predict(x_te), shared.predict(x_te)
+    np.testing.assert_array_equal(a.axis_idx, b.axis_idx)
+    # the per-row temperature is exp(a + b z) of each request's own distance
+    ab = dist.distance_ab
+    assert ab is not None and dist.pool_t == shared.pool_t
+    t_rows = _distance_t(ab, (a.ood_score - mu) / sd)
+    rows = dist.ablation_probs(x_te)
+    np.testing.assert_allclose(a.weights, _pool(rows["fractal"], rows["natural"],
+                                                dist.lambdas[0], t_rows))
+    key = f"mocae_fitted_{dist.fractal_mode}"
+    assert dist.val_nll[f"{key}_distance"] <= dist.val_nll[key] + 1e-9  # (a, b) may be (T, 0)
+    # each router shows the other forms as rows, and they are what the other router routes
+    np.testing.assert_array_equal(shared.ablation_probs(x_te)["mocae_distance_pool_t"], a.weights)
+    np.testing.assert_array_equal(rows["mocae_shared_pool_t"], b.weights)
+    assert {"mocae_shared_pool_t", "mocae_per_axis_pool_t"} <= set(dist.evaluate(x_te, y_te))
+    assert "mocae_distance_pool_t" not in dist.evaluate(x_te, y_te)
+    dist.save(tmp_path / "r")
+    loaded = MoCaERouter.load(tmp_path / "r")
+    assert loaded.pool_form == "distance" and loaded.distance_ab == ab
+    np.testing.assert_array_equal(loaded.predict(x_te).weights, a.weights)
+
+
+def test_per_axis_and_distance_pool_temperatures_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="exclusive"):
+        MoCaEConfig(pool_temperature_per_axis=True, pool_temperature_distance=True)
+
+
 def test_per_axis_pool_temperature_keeps_every_argmax(tmp_path: Path) -> None:
     x_tr, y_tr = _clusters(60, seed=0, spread=1.5)
     x_va, y_va = _clusters(40, seed=1, spread=1.5)
@@ -401,14 +484,17 @@ def test_a_router_saved_before_fractal_bias_loads_and_routes_as_before(tmp_path:
     meta_path = tmp_path / "r" / "router.json"
     meta = json.loads(meta_path.read_text())
     del meta["fractal_bias"], meta["config"]["fractal_bias"]  # what earlier versions wrote
-    del meta["config"]["pool_temperature_per_axis"]
+    del meta["config"]["pool_temperature_per_axis"], meta["config"]["pool_temperature_distance"]
+    del meta["distance_temperature"], meta["distance_stats"]
     meta["pool_temperature"] = {k: v for k, v in meta["pool_temperature"].items()
                                 if not k.endswith("_per_axis")}
     meta_path.write_text(json.dumps(meta))
     loaded = MoCaERouter.load(tmp_path / "r")
     assert loaded.config.fractal_bias is False and loaded.fractal.bias == {}
     assert loaded.config.pool_temperature_per_axis is False
-    assert "mocae_per_axis_pool_t" not in loaded.evaluate(x_va, y_va)  # nothing to show it with
+    assert loaded.config.pool_temperature_distance is False and loaded.distance_ab is None
+    rows = loaded.evaluate(x_va, y_va)
+    assert "mocae_per_axis_pool_t" not in rows and "mocae_distance_pool_t" not in rows  # nothing
     x_te, _ = _clusters(30, seed=2)
     np.testing.assert_array_equal(loaded.predict(x_te).weights, old.predict(x_te).weights)
 

@@ -39,17 +39,24 @@ def sharpen(p: np.ndarray, z: np.ndarray, a: float, b: float) -> np.ndarray:
     return q / q.sum(axis=1, keepdims=True)
 
 
-def main(run: Path, dump: str) -> None:
+def folds_and_held_out(run: Path, dump: str, held_out: Path):
+    """The run's axes, its dumped fit, the two origin-validation folds (seeded permutation) and
+    the features and labels of a held-out prompt file (encoded by the run's encoder)."""
     cfg = load_config(run / "router" / "config.yaml")
     cr = load(run)
     axes = list(cr.router.axes)
-    dec_texts, dec_y = _labelled_files((str(DECISION_HALF),), (), axes)[0]
+    dec_texts, dec_y = _labelled_files((str(held_out),), (), axes)[0]
     h_dec = cr.build_encoder(cfg.model).encode(dec_texts)
     fit = pickle.load(open(dump, "rb"))["fits"][0]
-    hv, yv = fit["h_va"], fit["y_va"]
     n_o = len(gather_prompts(cfg, "validation")[1])  # origin rows first, then calibration rows
     perm = np.random.default_rng(0).permutation(n_o)
-    folds = [perm[: n_o // 2], perm[n_o // 2 :]]
+    return axes, fit, [perm[: n_o // 2], perm[n_o // 2 :]], h_dec, np.asarray(dec_y)
+
+
+def main(run: Path, dump: str) -> None:
+    axes, fit, folds, h_dec, dec_y = folds_and_held_out(run, dump, DECISION_HALF)
+    hv, yv = fit["h_va"], fit["y_va"]
+    n_o = len(folds[0]) + len(folds[1])
     for k in (0, 1):
         fit_idx = np.concatenate([folds[k], np.arange(n_o, len(yv))])
         held = folds[1 - k]
