@@ -396,14 +396,13 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     #    fine-tuning task reads train and validation as the first two
     named = {"train": splits["train"][0], "validation": splits["validation"][0],
              "test": splits["test"][0], "seeds": seed_texts, "ood": ood_texts,
-             **({"calibration": cal_texts} if cal_texts else {}),
+             "calibration": cal_texts,  # may be empty: a (0, d) block
              **{f"set:{key}": texts for key, (texts, _) in sets.items()}}
     blocks = list(named.values())
     sizes = np.cumsum([0] + [len(b) for b in blocks])
     log.info("embedding %d texts with the %s encoder", sizes[-1], cfg.router.encoder)
     flat = embed_texts(cfg, [t for b in blocks for t in b])
     feats = {name: flat[sizes[i] : sizes[i + 1]] for i, name in enumerate(named)}
-    feats.setdefault("calibration", flat[:0])  # (0, d): no calibration prompts
     y_tr, y_va, y_te = (splits[s][1] for s in ("train", "validation", "test"))
 
     # 3. targets: intent labels propagated from the seeds over one kNN graph of train +
@@ -462,7 +461,6 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     if finetuned:
         ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds)
         feats = dict(zip(named, ft.features, strict=True))
-        feats.setdefault("calibration", ft.features[0][:0])
         save_encoder_weights(ft.state, weights_path)
         enc_id = f"{enc_id}+ft:{weights_digest(weights_path)}"
         finetune = {**ft.summary(), "epochs": cfg.router.epochs_to_finetune,

@@ -87,6 +87,8 @@ class SentenceEncoder:
             self.id = f"{self.BASE_ID}+ft:{load_finetuned(self.model, weights)}"
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        if not texts:  # sentence-transformers returns shape (0,) for no texts
+            return np.zeros((0, self.dim), np.float32)
         emb = self.model.encode(
             list(texts), batch_size=batch_size, convert_to_numpy=True,
             normalize_embeddings=True, show_progress_bar=False,

@@ -179,11 +179,14 @@ def test_calibrate_job_submits_to_a_ray_start_cluster(tiny_run, tmp_path):
             [ray, "job", "submit", "--address", "http://127.0.0.1:8271",
              "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(REPO)}}),
              "--", sys.executable, str(REPO / "jobs" / "calibrate_router.py"),
-             "--run-dir", str(run), "router.cpus_per_actor=0.2"],
+             "--run-dir", str(run), "router.cpus_per_actor=0.2",
+             "router.calibration_sets=[]"],  # the no-calibration-prompts path, fine-tune included
             env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         assert "succeeded" in r.stdout.lower()
         assert (run / "router" / "manifest.json").is_file()
+        report = json.loads((run / "router" / "router_report.json").read_text())
+        assert report["calibration_sets"] == [] and report["counts"]["calibration_prompts"] == 0
         assert time.time() - t0 < 600
     finally:
         _stop_cluster(temp)  # not `ray stop`: that would also kill this session's own Ray

@@ -42,6 +42,8 @@ def test_sentence_encoder_is_unit_norm_and_semantic():
     assert x.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     assert x[0] @ x[1] > x[0] @ x[2]
+    # no texts: a (0, 384) block like any other (calibration stacks an empty calibration set)
+    assert enc.encode([]).shape == (0, 384) and enc.encode([]).dtype == np.float32
 
 
 def test_encoder_id_without_loading_matches_the_loaded_encoders():
