@@ -165,11 +165,11 @@ class RouterCfg(_Section):
         description="Hand-written intent seed files (intent targets only): names shipped in "
         "alignx/router/ (intent_seeds.jsonl: 360 seeds; intent_seeds_2.jsonl: 756 more, in four "
         "registers, chosen on validation by docs/experiments/intent_seeds_2_protocol.md; "
-        "intent_set_2.jsonl / intent_set_3.jsonl: retired frozen sets, 595 each, the first a "
-        "default seed file since docs/experiments/shift_calibration_protocol.md) or paths to "
-        "JSON Lines files of {prompt, axis}. The evaluation sets (intent_set.jsonl, "
-        "intent_set_4.jsonl, intent_validation.jsonl) are refused: a router is never trained "
-        "on them.",
+        "intent_set_2.jsonl / intent_set_3.jsonl / intent_set_4.jsonl: retired frozen sets, "
+        "~595 each, the first a default seed file since "
+        "docs/experiments/shift_calibration_protocol.md) or paths to JSON Lines files of "
+        "{prompt, axis}. The evaluation sets (intent_set.jsonl, intent_set_5.jsonl, "
+        "intent_validation.jsonl) are refused: a router is never trained on them.",
     )
     calibration_sets: tuple[str, ...] = Field(
         ("intent_set_3.jsonl",), description="Hand-labelled prompt files (names as for "
@@ -214,11 +214,12 @@ class RouterCfg(_Section):
         "temperature only. The report shows the other setting as an ablation row.",
     )
     pool_temperature: Literal["shared", "per_axis", "distance"] = Field(
-        "shared", description="Pooling temperature of MoCaE's step 6: one for all requests; one "
+        "distance", description="Pooling temperature of MoCaE's step 6: one for all requests; one "
         "per predicted axis (fitted on the validation prompts routed there; an axis routed fewer "
         "than 30 of them keeps the shared one); or one per request that grows with its distance "
         "from the training clouds, exp(a + b z), z its standardised nearest-centroid distance "
-        "(docs/experiments/seeds_4_protocol.md). All keep the argmax (top1 decisions); under "
+        "(the default since docs/experiments/seeds_4_protocol.md). All keep the argmax (top1 "
+        "decisions); under "
         "policy=threshold, confidences near the threshold can change the fallback set. The "
         "report shows the other settings as rows.",
     )

@@ -50,10 +50,11 @@ logger = logging.getLogger(__name__)
 
 #: hand-labelled files shipped in this package for training or calibration
 #: (``router.seed_sets`` / ``router.calibration_sets`` pick among them): the two seed sets, and
-#: the second and third frozen intent sets, retired from evaluation once scored
-#: (``docs/experiments/shift_calibration_protocol.md``)
+#: the second, third and fourth frozen intent sets, retired from evaluation once scored
+#: (``docs/experiments/shift_calibration_protocol.md``, ``seeds_4_protocol.md``)
 SHIPPED_SEED_SETS: tuple[str, ...] = ("intent_seeds.jsonl", "intent_seeds_2.jsonl",
-                                      "intent_set_2.jsonl", "intent_set_3.jsonl")
+                                      "intent_set_2.jsonl", "intent_set_3.jsonl",
+                                      "intent_set_4.jsonl")
 
 #: hand-labelled evaluation sets shipped in this package, never trained or calibrated on:
 #: report key -> (file, title). ``intent_validation`` is held-out validation data (20% of the
@@ -62,7 +63,7 @@ EVALUATION_SETS: dict[str, tuple[str, str]] = {
     "intent_validation": ("intent_validation.jsonl", "held-out intent validation prompts "
                           "(validation: for choices)"),
     "intent_set": ("intent_set.jsonl", "frozen intent set (hand-labelled)"),
-    "intent_set_4": ("intent_set_4.jsonl", "fourth frozen intent set (hand-labelled, blind "
+    "intent_set_5": ("intent_set_5.jsonl", "fifth frozen intent set (hand-labelled, blind "
                      "double-labelled; writers and themes unseen by any router)"),
 }
 
