@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -544,6 +545,8 @@ def load_config(
     if run_dir is not None:
         tree["run_dir"] = str(run_dir)
     cfg = validate_config(tree, src)
+    if path is not None:
+        _warn_if_older(tree, cfg, src)
     # Ray workers run in another working directory: pin relative local paths here, on the driver.
     upd: dict[str, Any] = {"run_dir": _absolute(cfg.run_dir)}
     if cfg.storage is not None:
@@ -551,6 +554,39 @@ def load_config(
     if cfg.data.data_dir is not None:
         upd["data"] = cfg.data.model_copy(update={"data_dir": _absolute(cfg.data.data_dir)})
     return cfg.model_copy(update=upd)
+
+
+def _missing_keys(tree: dict[str, Any], model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted keys of ``model`` (and of its sections) that ``tree`` does not set."""
+    out = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name not in tree:
+            out.append(prefix + name)
+        elif isinstance(value, BaseModel) and isinstance(tree[name], dict):
+            out += _missing_keys(tree[name], value, f"{prefix}{name}.")
+    return out
+
+
+def _warn_if_older(tree: dict[str, Any], cfg: AlignXConfig, src: str) -> None:
+    """A resolved config (one that sets every top-level key, as every run directory's
+    ``config.yaml`` does) that lacks a key was written before the key existed: today's default
+    fills it in, which may not be what the run used. Say which keys, with the values taken."""
+    if not set(type(cfg).model_fields) <= set(tree):
+        return  # a hand-written config: defaults are the point
+    missing = _missing_keys(tree, cfg)
+    if missing:
+        values = []
+        for key in missing:
+            v: Any = cfg
+            for part in key.split("."):
+                v = getattr(v, part)
+            values.append(f"{key}={json.dumps(v, default=str)}")
+        many = len(missing) > 1
+        logging.getLogger(__name__).warning(
+            "%s was written before %s existed; today's %s in (%s). If the run used something "
+            "else, pass it as an override.", src, "these keys" if many else "this key",
+            "defaults fill them" if many else "default fills it", ", ".join(values))
 
 
 def _absolute(path: str) -> str:

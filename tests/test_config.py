@@ -139,3 +139,29 @@ def test_parse_axis():
     assert f"expert-{Axis.HONESTY}" == "expert-honesty"
     with pytest.raises(ValueError, match="valid axes"):
         parse_axis("safety")
+
+
+def test_a_run_config_older_than_a_key_says_which_default_filled_it(tmp_path, caplog):
+    import logging
+
+    import yaml
+
+    tree = yaml.safe_load(load_config(None).to_yaml())  # what every run directory holds
+    del tree["router"]["calibration_sets"], tree["router"]["pool_temperature"]
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump(tree))
+    with caplog.at_level(logging.WARNING, logger="alignx.config"):
+        cfg = load_config(old)
+    assert cfg.router.calibration_sets == ("intent_set_3.jsonl",)  # today's default, but ...
+    text = caplog.text
+    assert "router.calibration_sets=[\"intent_set_3.jsonl\"]" in text
+    assert 'router.pool_temperature="shared"' in text and "pass it as an override" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignx.config"):
+        load_config(old, ["router.calibration_sets=[]"])  # an override pins the value ...
+        (tmp_path / "mine.yaml").write_text("router: {epsilon: 0.1}\n")
+        load_config(tmp_path / "mine.yaml")  # ... and a hand-written config is never "older"
+    assert "calibration_sets" not in caplog.text
+    assert "before this key existed; today's default fills it in (router.pool_temperature" in (
+        caplog.text)
+    assert "mine.yaml" not in caplog.text
