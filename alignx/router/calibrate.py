@@ -249,6 +249,7 @@ def reliability_png(panels: dict[str, tuple[dict[str, np.ndarray], np.ndarray]],
         ax.legend(loc="upper left", fontsize=7)
         hist.set(xlabel="confidence", ylabel="prompts per bin" if j == 0 else None,
                  yscale="log", xlim=(0, 1))
+        hist.set_ylim(bottom=0.5)  # a bin of one prompt still shows a bar on the log axis
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
