@@ -1462,6 +1462,7 @@ def _jsonable_t(t: PoolTemperature) -> float | list[float]:
 
 
 _LAMBDA_GRID = np.linspace(0.0, 1.0, 21)  # lambda_1 candidates of the fitted pool
+_LOG_T_POOL = (math.log(0.05), math.log(20.0))  # search range (and distance-form clip) of log T_pool
 
 
 def _pool(c_f: np.ndarray, c_n: np.ndarray, lam1: float, t_pool: PoolTemperature) -> np.ndarray:
@@ -1491,9 +1492,7 @@ def _fit_pool_temperature(
     """T_pool minimising the weighted validation NLL of the pool (golden section on log T)."""
     return math.exp(
         _golden_min(
-            lambda lt: _nll(_pool(c_f, c_n, lam1, math.exp(lt)), y, w),
-            math.log(0.05),
-            math.log(20.0),
+            lambda lt: _nll(_pool(c_f, c_n, lam1, math.exp(lt)), y, w), *_LOG_T_POOL
         )
     )
 
@@ -1513,9 +1512,6 @@ def _fit_per_axis_pool_temperature(
         if len(rows) >= MIN_ROWS_PER_AXIS_T:
             t_axis[a] = _fit_pool_temperature(c_f[rows], c_n[rows], lam1, y[rows], w[rows])
     return t_axis
-
-
-_LOG_T_POOL = (math.log(0.05), math.log(20.0))  # search range and clip of log T_pool
 
 
 def _distance_t(ab: tuple[float, float], z: np.ndarray) -> np.ndarray:
