@@ -265,11 +265,14 @@ def reliability_png(panels: dict[str, tuple[dict[str, np.ndarray], np.ndarray]],
 
 def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
                  t_va: np.ndarray, seed_texts: list[str], seed_y: np.ndarray,
-                 use_seeds: bool) -> Any:
+                 use_seeds: bool, monitor: dict[str, tuple[list[str], np.ndarray]] | None = None,
+                 evals_per_epoch: int = 2) -> Any:
     """Fine-tune the sentence encoder in a Ray task (``router.finetune_cpus`` /
     ``finetune_gpus``) on the train texts' targets (+ the seeds), choosing the step on the
-    validation texts; returns its :class:`~alignx.router.finetune.FinetuneResult` with
-    ``blocks`` embedded by the chosen weights."""
+    validation texts (``evals_per_epoch`` points per epoch; ``monitor``: named held-out sets
+    whose curves are recorded too); returns its
+    :class:`~alignx.router.finetune.FinetuneResult` with ``blocks`` embedded by the chosen
+    weights."""
     import ray
 
     rc = cfg.router
@@ -284,7 +287,8 @@ def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
         texts, y, list(blocks[1]), t_va, blocks, n_axes=len(cfg.axes),
         epochs=rc.epochs_to_finetune, lr=rc.finetune_lr, batch_size=rc.finetune_batch_size,
         seed=cfg.seed, threads=max(1, int(rc.finetune_cpus)),
-        device="cuda" if rc.finetune_gpus > 0 else "cpu"))
+        device="cuda" if rc.finetune_gpus > 0 else "cpu", monitor=monitor,
+        evals_per_epoch=evals_per_epoch))
 
 
 def _finetune_task(*args: Any, **kwargs: Any) -> Any:
@@ -460,7 +464,10 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     weights_path = out_dir / FINETUNED_WEIGHTS
     enc_id = encoder_id(cfg.router.encoder, cfg.model)
     if finetuned:
-        ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds)
+        # the calibration prompts' curve is recorded (never chosen on): how the fine-tune
+        # treats writers it does not learn from
+        ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds,
+                          monitor={"calibration": (cal_texts, cal_y)} if cal_texts else None)
         feats = dict(zip(named, ft.features, strict=True))
         save_encoder_weights(ft.state, weights_path)
         enc_id = f"{enc_id}+ft:{weights_digest(weights_path)}"

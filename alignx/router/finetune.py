@@ -33,7 +33,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,7 @@ def finetune_sentence_encoder(
     threads: int | None = None,
     device: str = "cpu",
     encoder: Any = None,
+    monitor: Mapping[str, tuple[Sequence[str], np.ndarray]] | None = None,
 ) -> FinetuneResult:
     """Fine-tune the sentence encoder on ``(train_texts, train_y)``; keep the best validation
     state; embed ``blocks`` with it.
@@ -106,6 +107,9 @@ def finetune_sentence_encoder(
         device: torch device of the bundled encoder (ignored when ``encoder`` is given).
         encoder: a :class:`~alignx.router.features.SentenceEncoder` to train in place
             (tests pass a small one); default: the bundled all-MiniLM-L6-v2.
+        monitor: named held-out sets ``{name: (texts, targets)}`` whose balanced NLL and
+            accuracy join every point of the curve (``<name>_nll``, ``<name>_balanced_acc``);
+            they never choose the step.
 
     Returns:
         The best state, the blocks' features, the validation curve.
@@ -163,23 +167,38 @@ def finetune_sentence_encoder(
             feats = {k: v.to(dev) if hasattr(v, "to") else v for k, v in feats.items()}
             return st(feats)["sentence_embedding"]
 
-        def val_nll() -> tuple[float, float]:
+        def balanced_nll_acc(texts: Sequence[str], t: torch.Tensor,
+                             w: torch.Tensor) -> tuple[float, float]:
             st.eval()
             with torch.no_grad():
-                logits = torch.cat([head(embed(val_texts[i : i + 128]))
-                                    for i in range(0, len(val_texts), 128)])
+                logits = torch.cat([head(embed(texts[i : i + 128]))
+                                    for i in range(0, len(texts), 128)])
             st.train()
-            ce = torch.nn.functional.cross_entropy(logits, t_val, reduction="none").double()
-            acc = float((logits.argmax(1) == t_val).double().mul(w_val).sum())
-            return float((ce * w_val).sum()), acc
+            ce = torch.nn.functional.cross_entropy(logits, t, reduction="none").double()
+            return float((ce * w).sum()), float((logits.argmax(1) == t).double().mul(w).sum())
+
+        def val_nll() -> tuple[float, float]:
+            return balanced_nll_acc(val_texts, t_val, w_val)
+
+        watched = {}  # name -> (texts, targets, balanced weights)
+        for name, (m_texts, m_y) in (monitor or {}).items():
+            m_y = np.array(m_y, dtype=np.int64)  # a copy: Ray arguments are read-only
+            watched[name] = (list(m_texts), torch.from_numpy(m_y).to(dev),
+                             torch.from_numpy(_prior_weights(m_y, n_axes, "balanced")).to(dev))
+
+        def point(step: int, nll: float, acc: float) -> dict[str, float]:
+            p = {"step": step, "epoch": round(step / steps_per_epoch, 3), "val_nll": nll,
+                 "val_balanced_acc": acc}
+            for name, args in watched.items():
+                p[f"{name}_nll"], p[f"{name}_balanced_acc"] = balanced_nll_acc(*args)
+            return p
 
         steps_per_epoch = math.ceil(len(train_texts) / batch_size)
         total = max(1, round(epochs * steps_per_epoch))
         every = max(1, steps_per_epoch // max(1, evals_per_epoch))
         rng = np.random.default_rng(seed)
         order = np.zeros(0, dtype=np.int64)
-        nll0, acc0 = val_nll()
-        curve = [{"step": 0, "epoch": 0.0, "val_nll": nll0, "val_balanced_acc": acc0}]
+        curve = [point(0, *val_nll())]
         best_nll, best_step, best_state = math.inf, 0, None  # step 0's head is untrained
         log.info("fine-tuning the sentence encoder: %d steps of %d texts (%.2f epochs)",
                  total, batch_size, epochs)
@@ -195,10 +214,12 @@ def finetune_sentence_encoder(
             opt.step()
             if step % every == 0 or step == total:
                 nll, acc = val_nll()
-                curve.append({"step": step, "epoch": round(step / steps_per_epoch, 3),
-                              "val_nll": nll, "val_balanced_acc": acc})
+                curve.append(point(step, nll, acc))
+                extra = "".join(f", {name} NLL {curve[-1][name + '_nll']:.4f} bal. acc "
+                                f"{curve[-1][name + '_balanced_acc']:.3f}" for name in watched)
                 log.info("encoder fine-tune step %d/%d: loss %.4f, val NLL %.4f, val bal. acc "
-                         "%.3f (%.0f s)", step, total, loss.item(), nll, acc, time.time() - t0)
+                         "%.3f%s (%.0f s)", step, total, loss.item(), nll, acc, extra,
+                         time.time() - t0)
                 if nll < best_nll:
                     best_nll, best_step = nll, step
                     best_state = copy.deepcopy(st.state_dict())

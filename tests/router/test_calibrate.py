@@ -61,6 +61,9 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     ft = report["encoder_finetune"]
     assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 1
     assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]
+    # the calibration prompts' curve is recorded at every point (tiny.yaml names a set)
+    assert all(0 <= p["calibration_balanced_acc"] <= 1 and p["calibration_nll"] > 0
+               for p in ft["curve"])
     assert report["counts"]["intent_set"] >= 150 and report["counts"]["ood"] >= 30
     assert report["counts"]["intent_validation"] >= 150
     for key in EVALUATION_SETS:

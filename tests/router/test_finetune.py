@@ -27,7 +27,7 @@ def tuned():
     before = enc.encode(TEXTS)
     res = finetune_sentence_encoder(TEXTS, Y, TEXTS, Y, [TEXTS, HELP[:2]], n_axes=3, epochs=2,
                                     lr=1e-4, batch_size=4, evals_per_epoch=3, threads=1,
-                                    encoder=enc)
+                                    encoder=enc, monitor={"held": (TEXTS[::-1], Y[::-1])})
     return enc, before, res
 
 
@@ -37,6 +37,11 @@ def test_finetune_moves_features_and_keeps_the_best_validation_state(tuned):
     assert [p["step"] for p in res.curve] == [0, 1, 2, 3, 4, 5, 6]
     best = min(res.curve[1:], key=lambda p: p["val_nll"])
     assert res.best_step == best["step"]
+    # a monitored set has its own curve and never chooses; here it holds the validation texts
+    # reversed, so its balanced NLL and accuracy are the validation ones
+    for p in res.curve:
+        assert p["held_nll"] == pytest.approx(p["val_nll"], rel=1e-4)
+        assert p["held_balanced_acc"] == pytest.approx(p["val_balanced_acc"])
     after, few = res.features
     assert after.shape == (12, 384) and few.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(after, axis=1), 1.0, atol=1e-5)
