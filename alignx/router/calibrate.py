@@ -41,6 +41,8 @@ from alignx.router.features import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from alignx.axes import Axis
     from alignx.config import AlignXConfig
     from alignx.router.mocae import MoCaEConfig, MoCaERouter
@@ -118,7 +120,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class _EmbedActor:
-    """Ray Data actor: holds one encoder and embeds batches of texts."""
+    """Ray Data actor: holds one encoder; each row is one chunk of texts, embedded as one
+    batch, and comes back as one row per text (``i``: its position, ``h``: its features)."""
 
     def __init__(self, kind: str, model_cfg: dict[str, Any]):
         import torch
@@ -129,19 +132,41 @@ class _EmbedActor:
         self.encoder = build_encoder(kind, ModelCfg.model_validate(model_cfg))  # type: ignore[arg-type]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feats = self.encoder.encode([str(t) for t in batch["text"]])  # (B, d)
-        return {"i": batch["i"], "h": feats}
+        ids, feats = [], []
+        for i, texts in zip(batch["i"], batch["text"], strict=True):
+            ids.append(np.asarray(i, dtype=np.int64))
+            feats.append(self.encoder.encode([str(t) for t in texts]))  # (B, d)
+        return {"i": np.concatenate(ids), "h": np.concatenate(feats)}
 
 
-def embed_texts(cfg: AlignXConfig, texts: list[str]) -> np.ndarray:
-    """Embed ``texts`` with a Ray Data actor pool; rows come back in input order. (N, d)"""
+def embed_texts(cfg: AlignXConfig, texts: list[str],
+                block_sizes: Sequence[int] | None = None) -> np.ndarray:
+    """Embed ``texts`` with a Ray Data actor pool; rows come back in input order. (N, d)
+
+    Texts are embedded in chunks of ``router.embed_batch_size`` that never cross a block
+    (``block_sizes``: consecutive lengths summing to N; default one block). A text's features
+    depend, in their last float digits, on the batch it is padded with; fixed chunks make each
+    block's features independent of the blocks around it, so adding an evaluation set cannot
+    move a training prompt's features, its propagated target or the fine-tune after it.
+    """
     import ray
 
-    ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)])
+    sizes = [len(texts)] if block_sizes is None else list(block_sizes)
+    if sum(sizes) != len(texts) or min(sizes, default=0) < 0:
+        raise ValueError(f"block_sizes {sizes} do not partition {len(texts)} texts")
+    bs, chunks, start = cfg.router.embed_batch_size, [], 0
+    for n in sizes:
+        for lo in range(start, start + n, bs):
+            hi = min(lo + bs, start + n)
+            chunks.append({"i": list(range(lo, hi)), "text": texts[lo:hi]})
+        start += n
+    if not chunks:
+        return np.zeros((0, 0), np.float32)
+    ds = ray.data.from_items(chunks)
     ds = ds.map_batches(
         _EmbedActor,
         fn_constructor_kwargs={"kind": cfg.router.encoder, "model_cfg": cfg.model.model_dump(mode="json")},
-        batch_size=cfg.router.embed_batch_size,
+        batch_size=1,  # one chunk per call: the chunk is the encoder's batch
         compute=ray.data.ActorPoolStrategy(size=cfg.router.embed_actors),
         num_cpus=cfg.router.cpus_per_actor,
         batch_format="numpy",
@@ -406,7 +431,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     blocks = list(named.values())
     sizes = np.cumsum([0] + [len(b) for b in blocks])
     log.info("embedding %d texts with the %s encoder", sizes[-1], cfg.router.encoder)
-    flat = embed_texts(cfg, [t for b in blocks for t in b])
+    flat = embed_texts(cfg, [t for b in blocks for t in b], [len(b) for b in blocks])
     feats = {name: flat[sizes[i] : sizes[i + 1]] for i, name in enumerate(named)}
     y_tr, y_va, y_te = (splits[s][1] for s in ("train", "validation", "test"))
 

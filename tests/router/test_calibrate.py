@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from alignx.artifacts import ArtifactMismatchError, ArtifactNotFoundError, read_json
@@ -114,6 +115,25 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     for key in EVALS:
         assert f"ECE MoCaE - raw softmax ({key})" in text
         assert f"perfectly calibrated MoCaE would show ({key}" in text
+
+
+def test_embedding_a_block_does_not_depend_on_the_blocks_around_it(ray_local):
+    """Chunks never cross a block: a block's features are bit-identical whatever precedes it
+    (so an evaluation set added to the job cannot move a training prompt's features)."""
+    from alignx.config import load_config
+    from alignx.router.calibrate import embed_texts
+    from alignx.router.features import build_encoder
+
+    cfg = load_config(None, ["router.embed_batch_size=4"])
+    a = [f"prompt number {i} about {'cats ' * (i % 5)}" for i in range(10)]
+    b = ["short", "a somewhat longer prompt than that", "x y z", "bake bread", "tax forms?"]
+    both = embed_texts(cfg, a + b, [len(a), len(b)])
+    np.testing.assert_array_equal(both[len(a):], embed_texts(cfg, b))
+    np.testing.assert_array_equal(both[:len(a)], embed_texts(cfg, ["first"] + a, [1, 10])[1:])
+    # rows in input order (equal up to float noise: the actors run single-threaded)
+    np.testing.assert_allclose(both, build_encoder("sentence", cfg.model).encode(a + b), atol=1e-5)
+    with pytest.raises(ValueError, match="do not partition"):
+        embed_texts(cfg, a, [3, 3])
 
 
 def test_route_cli_outputs_one_json_line_per_prompt(calibrated, tmp_path):
