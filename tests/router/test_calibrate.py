@@ -49,11 +49,12 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     assert abs(sum(manifest["lambdas"]) - 1) < 1e-6
     report = read_json(d / "router_report.json")
     rows = set(report["test_origin_labels"])
-    assert {"logistic_origin_baseline", "mocae_frozen_encoder", "mocae_with_fractal_bias",
-            "raw_softmax", "temperature", "fractal", "natural", "mocae",
-            "mocae_per_axis_pool_t", "mocae_distance_pool_t"} <= rows  # the T_pool forms not
-    # shipped (router.pool_temperature), each a row; the one shipped is "mocae" and in the manifest
+    # the T_pool forms not configured (router.pool_temperature) are rows each; the configured
+    # one is "mocae" itself and is named in the manifest
     form = cfg.router.pool_temperature
+    others = {f"mocae_{f}_pool_t" for f in ("shared", "per_axis", "distance") if f != form}
+    assert {"logistic_origin_baseline", "mocae_frozen_encoder", "mocae_with_fractal_bias",
+            "raw_softmax", "temperature", "fractal", "natural", "mocae", *others} <= rows
     assert f"mocae_{form}_pool_t" not in rows and manifest["pool_temperature"]["form"] == form
     assert report["chosen"]["pool_temperature"] == manifest["pool_temperature"]
     assert form == "distance"  # tiny.yaml: so (a, b) and the distance statistics travel too
