@@ -24,10 +24,18 @@ spec = importlib.util.spec_from_file_location("seeds2_build", D.parent / "intent
 build = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build)
 
-if __name__ == "__main__":
-    rows = [r for k, theme in THEMES.items()
-            for r in build.read_writer(D / f"writer_{k}.jsonl", {"theme": theme})]
+
+def build_set(d: Path, themes: dict[str, str], reference: tuple[str, ...], seed: int) -> None:
+    """Read ``d``'s writer files (``writer_<key>.jsonl``, one theme each), drop duplicates of
+    the ``reference`` files and of seed 0's router data, write the blind files into ``d``
+    (the fifth set's ``build.py`` calls this on its own folder)."""
+    rows = [r for k, theme in themes.items()
+            for r in build.read_writer(d / f"writer_{k}.jsonl", {"theme": theme})]
     print("written", len(rows))
-    ref = [p for name in REFERENCE for p in read_intent_prompts(name=name)[0]]
+    ref = [p for name in reference for p in read_intent_prompts(name=name)[0]]
     final, _ = build.dedupe(rows, ref + build.router_data())
-    build.write_blind(final, D, 20261205)
+    build.write_blind(final, d, seed)
+
+
+if __name__ == "__main__":
+    build_set(D, THEMES, REFERENCE, 20261205)
