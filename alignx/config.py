@@ -174,8 +174,9 @@ class RouterCfg(_Section):
     )
     calibration_sets: tuple[str, ...] = Field(
         ("intent_set_3.jsonl",), description="Hand-labelled prompt files (names as for "
-        "seed_sets, or paths) that join the validation split in every validation objective of the MoCaE fit (early "
-        "stopping, T, T_F, tau_N, lambda, T_pool, OOD radius) and are never trained on: "
+        "seed_sets, or paths) that join the validation split in every validation objective of "
+        "the MoCaE fit (early stopping, T, T_F, tau_N, lambda, T_pool, OOD radius) and are "
+        "never trained on: "
         "prompts by writers the router did not learn from teach the calibrators how far to "
         "trust it on new writers (docs/experiments/shift_calibration_protocol.md; [] = "
         "validation split only). Evaluation sets and files already in seed_sets are refused.",
@@ -556,13 +557,14 @@ def load_config(
     return cfg.model_copy(update=upd)
 
 
-def _missing_keys(tree: dict[str, Any], model: BaseModel, prefix: str = "") -> list[str]:
-    """Dotted keys of ``model`` (and of its sections) that ``tree`` does not set."""
+def _missing_keys(tree: dict[str, Any], model: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value in ``model``) of every key of ``model`` (and of its sections) that
+    ``tree`` does not set."""
     out = []
     for name in type(model).model_fields:
         value = getattr(model, name)
         if name not in tree:
-            out.append(prefix + name)
+            out.append((prefix + name, value))
         elif isinstance(value, BaseModel) and isinstance(tree[name], dict):
             out += _missing_keys(tree[name], value, f"{prefix}{name}.")
     return out
@@ -576,12 +578,7 @@ def _warn_if_older(tree: dict[str, Any], cfg: AlignXConfig, src: str) -> None:
         return  # a hand-written config: defaults are the point
     missing = _missing_keys(tree, cfg)
     if missing:
-        values = []
-        for key in missing:
-            v: Any = cfg
-            for part in key.split("."):
-                v = getattr(v, part)
-            values.append(f"{key}={json.dumps(v, default=str)}")
+        values = [f"{key}={json.dumps(v, default=str)}" for key, v in missing]
         many = len(missing) > 1
         logging.getLogger(__name__).warning(
             "%s was written before %s existed; today's %s in (%s). If the run used something "

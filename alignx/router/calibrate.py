@@ -9,7 +9,8 @@
    hand-written seeds of ``router.seed_sets``; METHOD.md step 3).
 4. Fit :class:`~alignx.router.mocae.MoCaERouter` on train (+ seeds), choose T / tau_N / lambda /
    fractal mode on validation (+ the hand-labelled prompts of ``router.calibration_sets``), and
-   report every ablation row on the held-out intent validation prompts and once on the test split (dataset-origin labels) and the frozen hand-labelled intent sets
+   report every ablation row on the held-out intent validation prompts and once on the test
+   split (dataset-origin labels) and the frozen hand-labelled intent sets
    (:data:`~alignx.router.targets.EVALUATION_SETS`), plus OOD AUROC against ``ood_set.jsonl``.
 5. Write ``<run_dir>/router/``: the router (safetensors + JSON), ``router_report.json``,
    ``reliability.png`` and ``manifest.json`` last.
