@@ -202,6 +202,17 @@ class RouterCfg(_Section):
         3, ge=0, description="Times the hand-written intent seeds join the fine-tuning data "
         "(3 x the 1,116 default seeds; it was 10 x 360 with the first seed set alone)."
     )
+    finetune_evals_per_epoch: int = Field(
+        2, ge=1, description="Evaluation points per epoch of the encoder fine-tune (the steps "
+        "it chooses among, or averages).")
+    finetune_select: Literal["validation", "validation+calibration"] = Field(
+        "validation", description="What chooses the fine-tune's step: the validation NLL, or the "
+        "mean of the validation and calibration prompts' NLLs (router.calibration_sets; "
+        "validation alone when there are none).")
+    finetune_average_from: float | None = Field(
+        None, ge=0, le=1, description="Instead of choosing a step, average the encoder states at "
+        "the evaluation points from this fraction of the fine-tune on (0.5 = its second half); "
+        "unset = choose (router.finetune_select).")
     finetune_cpus: float = Field(2.0, gt=0, description="CPUs of the fine-tuning Ray task.")
     finetune_gpus: float = Field(0.0, ge=0, description="GPUs of the fine-tuning Ray task.")
     latent_dim: int = Field(256, ge=2, description="k of the latent projection P.")

@@ -292,11 +292,14 @@ def reliability_png(panels: dict[str, tuple[dict[str, np.ndarray], np.ndarray]],
 def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
                  t_va: np.ndarray, seed_texts: list[str], seed_y: np.ndarray,
                  use_seeds: bool, monitor: dict[str, tuple[list[str], np.ndarray]] | None = None,
-                 evals_per_epoch: int = 2) -> Any:
+                 **kwargs: Any) -> Any:
     """Fine-tune the sentence encoder in a Ray task (``router.finetune_cpus`` /
     ``finetune_gpus``) on the train texts' targets (+ the seeds), choosing the step on the
-    validation texts (``evals_per_epoch`` points per epoch; ``monitor``: named held-out sets
-    whose curves are recorded too); returns its
+    validation texts (``router.finetune_evals_per_epoch`` points per epoch; ``monitor``: named
+    held-out sets whose curves are recorded too, and choose with
+    ``router.finetune_select=validation+calibration``) or averaging the tail's states
+    (``router.finetune_average_from``); ``kwargs`` override
+    :func:`~alignx.router.finetune.finetune_sentence_encoder`'s arguments. Returns its
     :class:`~alignx.router.finetune.FinetuneResult` with ``blocks`` embedded by the chosen
     weights."""
     import ray
@@ -307,14 +310,23 @@ def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
     y = np.concatenate([t_tr] + [seed_y] * reps)
     task = ray.remote(num_cpus=rc.finetune_cpus, num_gpus=rc.finetune_gpus,
                       max_retries=0)(_finetune_task)
+    select_on = ["val"]
+    if rc.finetune_select == "validation+calibration":
+        if monitor and "calibration" in monitor:
+            select_on.append("calibration")
+        else:
+            log.warning("router.finetune_select=validation+calibration, but there are no "
+                        "calibration prompts (router.calibration_sets): the fine-tune's step "
+                        "is chosen on validation alone")
     log.info("fine-tuning the sentence encoder: %d texts (%d seed repeats), up to %.2f epochs",
              len(texts), reps, rc.epochs_to_finetune)
-    return ray.get(task.remote(
-        texts, y, list(blocks[1]), t_va, blocks, n_axes=len(cfg.axes),
-        epochs=rc.epochs_to_finetune, lr=rc.finetune_lr, batch_size=rc.finetune_batch_size,
-        seed=cfg.seed, threads=max(1, int(rc.finetune_cpus)),
-        device="cuda" if rc.finetune_gpus > 0 else "cpu", monitor=monitor,
-        evals_per_epoch=evals_per_epoch))
+    args = dict(n_axes=len(cfg.axes), epochs=rc.epochs_to_finetune, lr=rc.finetune_lr,
+                batch_size=rc.finetune_batch_size, seed=cfg.seed,
+                threads=max(1, int(rc.finetune_cpus)),
+                device="cuda" if rc.finetune_gpus > 0 else "cpu", monitor=monitor,
+                evals_per_epoch=rc.finetune_evals_per_epoch, select_on=tuple(select_on),
+                average_from=rc.finetune_average_from)
+    return ray.get(task.remote(texts, y, list(blocks[1]), t_va, blocks, **{**args, **kwargs}))
 
 
 def _finetune_task(*args: Any, **kwargs: Any) -> Any:
@@ -499,6 +511,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         enc_id = f"{enc_id}+ft:{weights_digest(weights_path)}"
         finetune = {**ft.summary(), "epochs": cfg.router.epochs_to_finetune,
                     "lr": cfg.router.finetune_lr, "batch_size": cfg.router.finetune_batch_size,
+                    "evals_per_epoch": cfg.router.finetune_evals_per_epoch,
+                    "average_from": cfg.router.finetune_average_from,
                     "seed_repeats": cfg.router.finetune_seed_repeats if use_seeds else 0,
                     "router_seed_weight": cfg.router.seed_weight_for(True)}
     else:

@@ -15,9 +15,13 @@ What this does, and what stays fixed:
 * a linear head on the unit-norm sentence embedding (the same pooling + normalisation the
   encoder uses at serving time) is trained with the encoder, class-balanced cross-entropy,
   AdamW;
-* every half epoch the validation NLL (class-balanced, like every other choice of the router)
-  is measured and the best state is kept: the number of steps is chosen on validation, the
-  test split and the intent set are never looked at;
+* ``evals_per_epoch`` times per epoch the validation NLL (class-balanced, like every other
+  choice of the router) is measured and the best state is kept: the number of steps is chosen
+  on validation, the test split and the intent sets are never looked at. ``select_on`` may add
+  held-out curves to the choice (the mean of their balanced NLLs; the calibration job offers
+  its hand-labelled calibration prompts), and ``average_from`` replaces the choice by the
+  uniform average of the states at the evaluation points of the run's tail (weight averaging
+  along one trajectory, as in SWA: Izmailov et al., 2018);
 * the head is thrown away: MoCaE (projection, W_r, T, calibrators, lambda) is fitted on the
   fine-tuned features exactly as on frozen ones.
 
@@ -33,7 +37,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,18 +50,57 @@ log = logging.getLogger(__name__)
 class FinetuneResult:
     """What :func:`finetune_sentence_encoder` returns (a Ray task's return value)."""
 
-    state: dict[str, np.ndarray]  # the encoder's weights at the best validation step
+    state: dict[str, np.ndarray]  # the encoder's weights: the chosen step's, or the average
     features: list[np.ndarray]  # (N_i, 384) per block, embedded with those weights
     curve: list[dict[str, float]] = field(default_factory=list)  # one point per evaluation
-    best_step: int = 0
+    best_step: int = 0  # the chosen step (the last averaged step when averaging)
     steps: int = 0
     seconds: float = 0.0
+    selected_on: tuple[str, ...] = ("val",)  # the curves whose mean balanced NLL chose the step
+    averaged_steps: list[int] = field(default_factory=list)  # the states averaged, if any
+    #: every evaluation point's weights, {step: state}, when asked for (``keep_states``)
+    states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         best = next((p for p in self.curve if p["step"] == self.best_step), {})
         return {"steps": self.steps, "best_step": self.best_step,
-                "best_val_nll": best.get("val_nll"), "seconds": round(self.seconds, 1),
+                "best_val_nll": best.get("val_nll"), "selected_on": list(self.selected_on),
+                "averaged_steps": self.averaged_steps, "seconds": round(self.seconds, 1),
                 "curve": self.curve}
+
+
+def selection_score(point: Mapping[str, float], select_on: Sequence[str]) -> float:
+    """The number a step is chosen by (lower is better): the mean of the balanced NLLs of
+    the curves named in ``select_on`` (``val`` and/or monitored set names) at ``point``."""
+    return float(np.mean([point[f"{name}_nll"] for name in select_on]))
+
+
+def average_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The uniform average of state dicts (numpy arrays or torch tensors): floating entries
+    are averaged in float64 and cast back; integer buffers (position ids) are the last state's."""
+    if not states:
+        raise ValueError("no states to average")
+    out = {}
+    for k, last in states[-1].items():
+        if np.issubdtype(_np(last).dtype, np.floating):
+            out[k] = _like(np.mean([_np(s[k]).astype(np.float64) for s in states], axis=0), last)
+        else:
+            out[k] = last
+    return out
+
+
+def _np(v: Any) -> np.ndarray:
+    """A tensor or array as a numpy array."""
+    return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+
+
+def _like(a: np.ndarray, ref: Any) -> Any:
+    """``a`` as ``ref``'s type, dtype and device."""
+    if hasattr(ref, "detach"):
+        import torch
+
+        return torch.from_numpy(a).to(dtype=ref.dtype, device=ref.device)
+    return a.astype(ref.dtype)
 
 
 def _balanced_weights(y: np.ndarray, n_axes: int) -> np.ndarray:
@@ -88,9 +131,13 @@ def finetune_sentence_encoder(
     device: str = "cpu",
     encoder: Any = None,
     monitor: Mapping[str, tuple[Sequence[str], np.ndarray]] | None = None,
+    select_on: Sequence[str] = ("val",),
+    average_from: float | None = None,
+    extra_eval_steps: Collection[int] = (),
+    keep_states: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune the sentence encoder on ``(train_texts, train_y)``; keep the best validation
-    state; embed ``blocks`` with it.
+    """Fine-tune the sentence encoder on ``(train_texts, train_y)``; keep the best state by
+    validation NLL (or ``select_on``), or average the tail's states; embed ``blocks`` with it.
 
     Args:
         train_texts, train_y: training texts and target axis indices (N,).
@@ -109,13 +156,25 @@ def finetune_sentence_encoder(
             (tests pass a small one); default: the bundled all-MiniLM-L6-v2.
         monitor: named held-out sets ``{name: (texts, targets)}`` whose balanced NLL and
             accuracy join every point of the curve (``<name>_nll``, ``<name>_balanced_acc``);
-            they never choose the step.
+            they choose the step only when ``select_on`` names them.
+        select_on: the curves that choose the step: the state with the lowest mean balanced
+            NLL over them is kept (``"val"``: validation; other names: ``monitor`` sets).
+        average_from: instead of choosing a step, return the uniform average of the states at
+            the evaluation points at or after this fraction of the run (in [0, 1]; 0.5 = the
+            second half). None: choose.
+        extra_eval_steps: further steps to evaluate at (and choose among), besides the
+            ``evals_per_epoch`` schedule; never averaged. Training is the same whichever
+            steps are evaluated (evaluation draws no random numbers).
+        keep_states: return every evaluation point's weights in ``states`` (for experiments
+            that compare choices on one trajectory; about 90 MB each for MiniLM).
 
     Returns:
         The best state, the blocks' features, the validation curve.
 
     Raises:
-        ValueError: empty data, ``epochs <= 0``, or an axis with no training example.
+        ValueError: empty data, ``epochs <= 0``, an axis with no training example, a
+            ``select_on`` name that is neither ``val`` nor a monitored set, or
+            ``average_from`` outside [0, 1].
     """
     import torch
 
@@ -124,6 +183,12 @@ def finetune_sentence_encoder(
 
     if epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
+    unknown = sorted(set(select_on) - {"val", *(monitor or {})})
+    if not select_on or unknown:
+        raise ValueError(f"select_on names {unknown or 'nothing'}: use 'val' and/or monitored "
+                         f"sets ({sorted(monitor or {})})")
+    if average_from is not None and not 0 <= average_from <= 1:
+        raise ValueError(f"average_from must be in [0, 1], got {average_from}")
     if len(train_texts) == 0 or len(val_texts) == 0:
         raise ValueError("fine-tuning needs training and validation texts")
     train_y = np.array(train_y, dtype=np.int64)  # copies: a Ray argument is read-only
@@ -199,7 +264,11 @@ def finetune_sentence_encoder(
         rng = np.random.default_rng(seed)
         order = np.zeros(0, dtype=np.int64)
         curve = [point(0, *val_nll())]
-        best_nll, best_step, best_state = math.inf, 0, None  # step 0's head is untrained
+        best_score, best_step, best_state = math.inf, 0, None  # step 0's head is untrained
+        tail: list[dict[str, Any]] = []  # the states to average (average_from)
+        averaged: list[int] = []  # and their steps
+        states: dict[int, dict[str, np.ndarray]] = {}  # keep_states
+        extra = set(extra_eval_steps)
         log.info("fine-tuning the sentence encoder: %d steps of %d texts (%.2f epochs)",
                  total, batch_size, epochs)
         st.train()
@@ -212,17 +281,30 @@ def finetune_sentence_encoder(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if step % every == 0 or step == total:
+            scheduled = step % every == 0 or step == total
+            if scheduled or step in extra:
                 nll, acc = val_nll()
                 curve.append(point(step, nll, acc))
-                extra = "".join(f", {name} NLL {curve[-1][name + '_nll']:.4f} bal. acc "
+                shown = "".join(f", {name} NLL {curve[-1][name + '_nll']:.4f} bal. acc "
                                 f"{curve[-1][name + '_balanced_acc']:.3f}" for name in watched)
                 log.info("encoder fine-tune step %d/%d: loss %.4f, val NLL %.4f, val bal. acc "
-                         "%.3f%s (%.0f s)", step, total, loss.item(), nll, acc, extra,
+                         "%.3f%s (%.0f s)", step, total, loss.item(), nll, acc, shown,
                          time.time() - t0)
-                if nll < best_nll:
-                    best_nll, best_step = nll, step
+                if keep_states:
+                    states[step] = {k: v.detach().cpu().numpy().copy()
+                                    for k, v in st.state_dict().items()}
+                if average_from is not None:
+                    if scheduled and step >= average_from * total:
+                        tail.append(copy.deepcopy(st.state_dict()))
+                        averaged.append(step)
+                        best_step = step
+                    continue
+                score = selection_score(curve[-1], select_on)
+                if score < best_score:
+                    best_score, best_step = score, step
                     best_state = copy.deepcopy(st.state_dict())
+        if average_from is not None:
+            best_state = average_states(tail)
         assert best_state is not None
         st.load_state_dict(best_state)
         st.eval()
@@ -233,7 +315,12 @@ def finetune_sentence_encoder(
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     state = {k: v.detach().cpu().contiguous().numpy() for k, v in best_state.items()}
-    log.info("encoder fine-tuned: best step %d of %d (val NLL %.4f), %.0f s",
-             best_step, total, best_nll, time.time() - t0)
+    if averaged:
+        log.info("encoder fine-tuned: the average of the states at steps %s of %d, %.0f s",
+                 averaged, total, time.time() - t0)
+    else:
+        log.info("encoder fine-tuned: best step %d of %d (mean NLL over %s %.4f), %.0f s",
+                 best_step, total, "+".join(select_on), best_score, time.time() - t0)
     return FinetuneResult(state=state, features=features, curve=curve, best_step=best_step,
-                          steps=total, seconds=time.time() - t0)
+                          steps=total, seconds=time.time() - t0, selected_on=tuple(select_on),
+                          averaged_steps=averaged, states=states)

@@ -8,7 +8,11 @@ import pytest
 from alignx.config import AlignXConfigError, ModelCfg, load_config
 from alignx.router.calibrate import save_encoder_weights
 from alignx.router.features import FINETUNED_WEIGHTS, SentenceEncoder, build_encoder
-from alignx.router.finetune import finetune_sentence_encoder
+from alignx.router.finetune import (
+    average_states,
+    finetune_sentence_encoder,
+    selection_score,
+)
 
 HELP = ["Write a haiku about autumn.", "Summarise this paragraph in one line.",
         "Translate 'good morning' into French.", "Sort these numbers: 4, 1, 3."]
@@ -37,7 +41,8 @@ def test_finetune_moves_features_and_keeps_the_best_validation_state(tuned):
     assert [p["step"] for p in res.curve] == [0, 1, 2, 3, 4, 5, 6]
     best = min(res.curve[1:], key=lambda p: p["val_nll"])
     assert res.best_step == best["step"]
-    # a monitored set has its own curve and never chooses; here it holds the validation texts
+    # a monitored set has its own curve and does not choose unless select_on names it; here
+    # it holds the validation texts
     # reversed, so its balanced NLL and accuracy are the validation ones
     for p in res.curve:
         assert p["held_nll"] == pytest.approx(p["val_nll"], rel=1e-4)
@@ -85,6 +90,11 @@ def test_finetune_rejects_bad_input():
         finetune_sentence_encoder(HELP, np.zeros(4, int), TEXTS, Y, [], n_axes=3, epochs=1)
     with pytest.raises(ValueError, match="differ in length"):
         finetune_sentence_encoder(TEXTS, Y[:3], TEXTS, Y, [], n_axes=3, epochs=1)
+    with pytest.raises(ValueError, match=r"select_on names \['held'\]"):
+        finetune_sentence_encoder(TEXTS, Y, TEXTS, Y, [], n_axes=3, epochs=1,
+                                  select_on=("val", "held"))
+    with pytest.raises(ValueError, match="average_from must be in"):
+        finetune_sentence_encoder(TEXTS, Y, TEXTS, Y, [], n_axes=3, epochs=1, average_from=1.5)
 
 
 def test_finetune_epochs_default_and_validation():
@@ -94,6 +104,12 @@ def test_finetune_epochs_default_and_validation():
     assert load_config(None, ["router.finetune_epochs=0"]).router.epochs_to_finetune == 0
     with pytest.raises(AlignXConfigError, match="needs router.encoder=sentence"):
         load_config(None, ["router.encoder=base", "router.finetune_epochs=1"])
+    with pytest.raises(AlignXConfigError, match="finetune_average_from"):
+        load_config(None, ["router.finetune_average_from=1.5"])
+    with pytest.raises(AlignXConfigError, match="finetune_select"):
+        load_config(None, ["router.finetune_select=calibration"])
+    with pytest.raises(AlignXConfigError, match="finetune_evals_per_epoch"):
+        load_config(None, ["router.finetune_evals_per_epoch=0"])
 
 
 def test_finetune_is_reproducible_for_its_seed_and_leaves_the_global_rng_alone():
@@ -116,3 +132,77 @@ def test_finetune_is_reproducible_for_its_seed_and_leaves_the_global_rng_alone()
     torch.manual_seed(999)  # a different global state before the second run changes nothing
     np.testing.assert_array_equal(run(0), first)
     assert not np.allclose(run(1), first, atol=1e-4)
+
+
+# one prompt per axis, each given another axis's label: fine-tuning raises its NLL, so a step
+# chosen on it is early while validation's is late
+OTHER = ["Plan a picnic menu for six people.", "How do I get into my ex's email account?",
+         "Is it true that bulls charge at the colour red?"]
+Y_OTHER = np.array([2, 0, 1])
+
+
+def _run(**kwargs):
+    """Six steps (two epochs of three) of a fresh encoder, seed 0, every state kept."""
+    return finetune_sentence_encoder(TEXTS, Y, TEXTS, Y, [TEXTS], n_axes=3, epochs=2, lr=1e-4,
+                                     batch_size=4, threads=1, seed=0, encoder=SentenceEncoder(),
+                                     keep_states=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def plain_run():
+    """One evaluation per epoch: steps 3 and 6."""
+    return _run(evals_per_epoch=1)
+
+
+def test_extra_evaluations_leave_training_alone_and_several_curves_choose(plain_run):
+    res = _run(evals_per_epoch=1, extra_eval_steps={1, 2, 4}, select_on=("other",),
+               monitor={"other": (OTHER, Y_OTHER)})
+    assert sorted(res.states) == [1, 2, 3, 4, 6] and sorted(plain_run.states) == [3, 6]
+    # the same trajectory whichever steps are evaluated: evaluation draws no random numbers
+    for step, state in plain_run.states.items():
+        for k, v in state.items():
+            np.testing.assert_array_equal(res.states[step][k], v)
+    # the step with the lowest NLL on the named curve is kept, and its weights returned; an
+    # extra evaluation point is a candidate too. Validation alone would choose the last step.
+    score = {p["step"]: p["other_nll"] for p in res.curve[1:]}
+    assert res.best_step == min(score, key=score.get) < 6
+    assert min(res.curve[1:], key=lambda p: p["val_nll"])["step"] == 6
+    for k, v in res.state.items():
+        np.testing.assert_array_equal(v, res.states[res.best_step][k])
+    assert res.summary()["selected_on"] == ["other"] and res.averaged_steps == []
+    # several curves: the mean of their balanced NLLs
+    assert selection_score({"val_nll": 1.0, "other_nll": 3.0, "x_nll": 9.0},
+                           ("val", "other")) == 2.0
+
+
+def test_average_from_returns_the_mean_of_the_tail_states(plain_run):
+    res = _run(evals_per_epoch=1, average_from=0.5, extra_eval_steps={4})
+    # the scheduled points at or after step 3 of 6 are averaged; an extra point never is
+    assert res.averaged_steps == [3, 6] and res.best_step == 6
+    want = average_states([plain_run.states[3], plain_run.states[6]])
+    assert set(res.state) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(res.state[k], v, rtol=1e-6, atol=1e-7)
+    q = "0.model.encoder.layer.0.attention.self.query.weight"
+    assert not np.allclose(want[q], plain_run.states[6][q])
+    # the features are the averaged encoder's
+    import torch
+
+    enc = SentenceEncoder()
+    enc.model.load_state_dict({k: torch.from_numpy(v) for k, v in want.items()})
+    np.testing.assert_allclose(res.features[0], enc.encode(TEXTS), atol=1e-5)
+
+
+def test_average_states_averages_floats_and_keeps_integer_buffers():
+    import torch
+
+    a = {"w": np.array([1.0, 2.0], np.float32), "ids": np.array([0, 1])}
+    b = {"w": np.array([3.0, 6.0], np.float32), "ids": np.array([5, 6])}
+    out = average_states([a, b])
+    np.testing.assert_array_equal(out["w"], [2.0, 4.0])
+    assert out["w"].dtype == np.float32 and out["ids"] is b["ids"]
+    t = average_states([{k: torch.from_numpy(v) for k, v in d.items()} for d in (a, b)])
+    assert torch.equal(t["w"], torch.tensor([2.0, 4.0])) and t["w"].dtype == torch.float32
+    assert torch.equal(t["ids"], torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="no states"):
+        average_states([])
