@@ -1239,12 +1239,15 @@ class MoCaERouter:
         return (np.asarray(d, dtype=np.float64) - mu) / sd
 
     def _row_pool_temperature(
-        self, kind: str, form: PoolForm, ood_score: np.ndarray
+        self, kind: str, form: PoolForm, ood_score: np.ndarray | None = None
     ) -> PoolTemperature | None:
         """T_pool of the ``fixed``/``fitted`` pool at the chosen mode in a given form: a float,
-        (A,) per predicted axis, or (N, 1) per row for ``distance``; None if not fitted."""
+        (A,) per predicted axis, or (N, 1) per row for ``distance`` (which needs the rows'
+        ``ood_score``); None if not fitted."""
         key = f"{kind}_{self.fractal_mode}"
         if form == "distance":
+            if ood_score is None:
+                raise ValueError("the distance-aware T_pool needs the rows' OOD scores")
             ab = self.distance_temperature.get(key)
             return None if ab is None else _distance_t(ab, self._standardise(ood_score))
         return self.pool_temperature.get(key + (_PER_AXIS if form == "per_axis" else ""))
@@ -1255,7 +1258,7 @@ class MoCaERouter:
         axis; with the distance form, the shared T_pool (its coefficients: ``distance_ab``)."""
         self._check_fitted()
         form = "per_axis" if self.pool_form == "per_axis" else "shared"
-        return self._row_pool_temperature(self.config.lambda_mode, form, np.zeros(0))
+        return self._row_pool_temperature(self.config.lambda_mode, form)
 
     @property
     def distance_ab(self) -> tuple[float, float] | None:
