@@ -192,8 +192,8 @@ class RouterCfg(_Section):
         "auto = chosen from 0..1 by seed cross-validation + origin-label validation accuracy.",
     )
     finetune_epochs: float | None = Field(
-        None, ge=0, description="Fine-tune the sentence encoder on the router's targets for up to "
-        "this many epochs (the step is chosen on validation NLL); 0 = frozen encoder; unset = "
+        None, ge=0, description="Fine-tune the sentence encoder on the router's targets for "
+        "this many epochs (see finetune_average_from); 0 = frozen encoder; unset = "
         f"{DEFAULT_FINETUNE_EPOCHS} for the sentence encoder, 0 for the base encoder.",
     )
     finetune_lr: float = Field(3e-5, gt=0, description="Encoder learning rate when fine-tuning.")
@@ -203,16 +203,18 @@ class RouterCfg(_Section):
         "(3 x the 1,116 default seeds; it was 10 x 360 with the first seed set alone)."
     )
     finetune_evals_per_epoch: int = Field(
-        2, ge=1, description="Evaluation points per epoch of the encoder fine-tune (the steps "
-        "it chooses among, or averages).")
+        8, ge=1, description="Evaluation points per epoch of the encoder fine-tune (the steps "
+        "it averages, or chooses among); 8 since docs/experiments/finetune_select_protocol.md "
+        "(it was 2).")
     finetune_select: Literal["validation", "validation+calibration"] = Field(
-        "validation", description="What chooses the fine-tune's step: the validation NLL, or the "
-        "mean of the validation and calibration prompts' NLLs (router.calibration_sets; "
-        "validation alone when there are none).")
+        "validation", description="With router.finetune_average_from=null, what chooses the "
+        "fine-tune's step: the validation NLL, or the mean of the validation and calibration "
+        "prompts' NLLs (router.calibration_sets; validation alone when there are none).")
     finetune_average_from: float | None = Field(
-        None, ge=0, le=1, description="Instead of choosing a step, average the encoder states at "
-        "the evaluation points from this fraction of the fine-tune on (0.5 = its second half); "
-        "unset = choose (router.finetune_select).")
+        0.5, ge=0, le=1, description="The encoder's weights are the uniform average of its "
+        "states at the evaluation points from this fraction of the fine-tune on (0.5 = the "
+        "second half; adopted by docs/experiments/finetune_select_protocol.md); null = keep one "
+        "step instead (router.finetune_select).")
     finetune_cpus: float = Field(2.0, gt=0, description="CPUs of the fine-tuning Ray task.")
     finetune_gpus: float = Field(0.0, ge=0, description="GPUs of the fine-tuning Ray task.")
     latent_dim: int = Field(256, ge=2, description="k of the latent projection P.")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -310,23 +311,29 @@ def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
     y = np.concatenate([t_tr] + [seed_y] * reps)
     task = ray.remote(num_cpus=rc.finetune_cpus, num_gpus=rc.finetune_gpus,
                       max_retries=0)(_finetune_task)
-    select_on = ["val"]
-    if rc.finetune_select == "validation+calibration":
-        if monitor and "calibration" in monitor:
-            select_on.append("calibration")
-        else:
-            log.warning("router.finetune_select=validation+calibration, but there are no "
-                        "calibration prompts (router.calibration_sets): the fine-tune's step "
-                        "is chosen on validation alone")
     log.info("fine-tuning the sentence encoder: %d texts (%d seed repeats), up to %.2f epochs",
              len(texts), reps, rc.epochs_to_finetune)
     args = dict(n_axes=len(cfg.axes), epochs=rc.epochs_to_finetune, lr=rc.finetune_lr,
                 batch_size=rc.finetune_batch_size, seed=cfg.seed,
                 threads=max(1, int(rc.finetune_cpus)),
                 device="cuda" if rc.finetune_gpus > 0 else "cpu", monitor=monitor,
-                evals_per_epoch=rc.finetune_evals_per_epoch, select_on=tuple(select_on),
+                evals_per_epoch=rc.finetune_evals_per_epoch,
+                select_on=finetune_select_on(cfg, monitor),
                 average_from=rc.finetune_average_from)
     return ray.get(task.remote(texts, y, list(blocks[1]), t_va, blocks, **{**args, **kwargs}))
+
+
+def finetune_select_on(cfg: AlignXConfig, monitor: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The curves that choose the fine-tune's step (``router.finetune_select``): validation,
+    plus the calibration prompts when asked for and there are any (a warning otherwise)."""
+    if cfg.router.finetune_select == "validation":
+        return ("val",)
+    if monitor and "calibration" in monitor:
+        return ("val", "calibration")
+    log.warning("router.finetune_select=validation+calibration, but there are no calibration "
+                "prompts (router.calibration_sets): the fine-tune's step is chosen on "
+                "validation alone")
+    return ("val",)
 
 
 def _finetune_task(*args: Any, **kwargs: Any) -> Any:

@@ -63,6 +63,10 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     ft = report["encoder_finetune"]
     assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 1
     assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]
+    # the default: the average of the states at the evaluation points of the second half
+    assert ft["average_from"] == 0.5 and ft["averaged_steps"][-1] == ft["steps"]
+    assert all(s >= ft["steps"] / 2 for s in ft["averaged_steps"])
+    assert set(ft["averaged_steps"]) <= {p["step"] for p in ft["curve"]}
     # the calibration prompts' curve is recorded at every point (tiny.yaml names a set)
     assert all(0 <= p["calibration_balanced_acc"] <= 1 and p["calibration_nll"] > 0
                for p in ft["curve"])

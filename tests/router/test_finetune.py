@@ -104,6 +104,8 @@ def test_finetune_epochs_default_and_validation():
     assert load_config(None, ["router.finetune_epochs=0"]).router.epochs_to_finetune == 0
     with pytest.raises(AlignXConfigError, match="needs router.encoder=sentence"):
         load_config(None, ["router.encoder=base", "router.finetune_epochs=1"])
+    # the tail average of 8 points per epoch (docs/experiments/finetune_select_protocol.md)
+    assert (cfg.router.finetune_average_from, cfg.router.finetune_evals_per_epoch) == (0.5, 8)
     with pytest.raises(AlignXConfigError, match="finetune_average_from"):
         load_config(None, ["router.finetune_average_from=1.5"])
     with pytest.raises(AlignXConfigError, match="finetune_select"):
@@ -206,3 +208,15 @@ def test_average_states_averages_floats_and_keeps_integer_buffers():
     assert torch.equal(t["ids"], torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="no states"):
         average_states([])
+
+
+def test_the_calibration_job_chooses_on_calibration_prompts_only_when_there_are_some(caplog):
+    from alignx.router.calibrate import finetune_select_on
+
+    both = load_config(None, ["router.finetune_select=validation+calibration"])
+    cal = {"calibration": (OTHER, Y_OTHER)}
+    assert finetune_select_on(load_config(None), cal) == ("val",)
+    assert finetune_select_on(both, cal) == ("val", "calibration")
+    with caplog.at_level("WARNING", logger="alignx.router.calibrate"):
+        assert finetune_select_on(both, None) == ("val",)
+    assert "no calibration prompts" in caplog.text
