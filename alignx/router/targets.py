@@ -65,6 +65,8 @@ EVALUATION_SETS: dict[str, tuple[str, str]] = {
     "intent_set": ("intent_set.jsonl", "frozen intent set (hand-labelled)"),
     "intent_set_5": ("intent_set_5.jsonl", "fifth frozen intent set (hand-labelled, blind "
                      "double-labelled; writers and themes unseen by any router)"),
+    "intent_set_6": ("intent_set_6.jsonl", "sixth frozen intent set (hand-labelled, blind "
+                     "double-labelled; writers and themes unseen by any router)"),
 }
 
 #: Which intent a prompt of each origin may be relabelled to (the origin itself always allowed).
