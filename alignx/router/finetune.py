@@ -69,6 +69,16 @@ class FinetuneResult:
                 "curve": self.curve}
 
 
+def evaluation_schedule(n_texts: int, batch_size: int, epochs: float,
+                        evals_per_epoch: int) -> tuple[int, int, list[int]]:
+    """(steps per epoch, total steps, the steps evaluated at) of a fine-tune of ``n_texts``
+    texts: every ``steps_per_epoch // evals_per_epoch`` steps, and the last step."""
+    steps_per_epoch = math.ceil(n_texts / batch_size)
+    total = max(1, round(epochs * steps_per_epoch))
+    every = max(1, steps_per_epoch // max(1, evals_per_epoch))
+    return steps_per_epoch, total, sorted({*range(every, total + 1, every), total})
+
+
 def selection_score(point: Mapping[str, float], select_on: Sequence[str]) -> float:
     """The number a step is chosen by (lower is better): the mean of the balanced NLLs of
     the curves named in ``select_on`` (``val`` and/or monitored set names) at ``point``."""
@@ -258,9 +268,9 @@ def finetune_sentence_encoder(
                 p[f"{name}_nll"], p[f"{name}_balanced_acc"] = balanced_nll_acc(*args)
             return p
 
-        steps_per_epoch = math.ceil(len(train_texts) / batch_size)
-        total = max(1, round(epochs * steps_per_epoch))
-        every = max(1, steps_per_epoch // max(1, evals_per_epoch))
+        steps_per_epoch, total, schedule = evaluation_schedule(
+            len(train_texts), batch_size, epochs, evals_per_epoch)
+        schedule = set(schedule)
         rng = np.random.default_rng(seed)
         order = np.zeros(0, dtype=np.int64)
         curve = [point(0, *val_nll())]
@@ -281,7 +291,7 @@ def finetune_sentence_encoder(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            scheduled = step % every == 0 or step == total
+            scheduled = step in schedule
             if scheduled or step in extra:
                 nll, acc = val_nll()
                 curve.append(point(step, nll, acc))

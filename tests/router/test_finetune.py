@@ -10,6 +10,7 @@ from alignx.router.calibrate import save_encoder_weights
 from alignx.router.features import FINETUNED_WEIGHTS, SentenceEncoder, build_encoder
 from alignx.router.finetune import (
     average_states,
+    evaluation_schedule,
     finetune_sentence_encoder,
     selection_score,
 )
@@ -220,3 +221,12 @@ def test_the_calibration_job_chooses_on_calibration_prompts_only_when_there_are_
     with caplog.at_level("WARNING", logger="alignx.router.calibrate"):
         assert finetune_select_on(both, None) == ("val",)
     assert "no calibration prompts" in caplog.text
+
+
+def test_evaluation_schedule_is_every_fraction_of_an_epoch_and_the_last_step():
+    # the smollm2_cpu fine-tune: 279 steps per epoch, 2 epochs (steps seen in its logs)
+    assert evaluation_schedule(279 * 32 - 5, 32, 2.0, 2) == (279, 558, [139, 278, 417, 556, 558])
+    _, total, dense = evaluation_schedule(279 * 32, 32, 2.0, 8)
+    assert dense[:2] == [34, 68] and dense[-2:] == [544, 558] and len(dense) == 17
+    assert [s for s in dense if s >= total / 2] == [306, 340, 374, 408, 442, 476, 510, 544, 558]
+    assert evaluation_schedule(3, 4, 0.1, 8) == (1, 1, [1])  # never fewer than one step

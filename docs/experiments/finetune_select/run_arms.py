@@ -20,7 +20,6 @@ of the frozen encoder is shared by the three jobs. The curve goes to ``ROOT/curv
 """
 
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +29,12 @@ from alignx.config import load_config
 from alignx.pipeline import run_prepare
 from alignx.router.calibrate import _shipped_set, save_encoder_weights
 from alignx.router.features import SentenceEncoder
-from alignx.router.finetune import FinetuneResult, average_states, selection_score
+from alignx.router.finetune import (
+    FinetuneResult,
+    average_states,
+    evaluation_schedule,
+    selection_score,
+)
 from alignx.train.trainer import ensure_ray
 
 ARMS = {"B": [],
@@ -59,19 +63,14 @@ C.embed_texts = shared_embed
 run_finetune, trajectory, arm_now = C.run_finetune, {}, {"arm": None}
 
 
-def schedule(every: int, total: int) -> list[int]:
-    return sorted({*range(every, total + 1, every), total})
-
-
 def arm_result(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds, monitor=None):
     """The fine-tune (once), then the current arm's weights and features."""
     if not trajectory:
         rc = cfg.router
         n = len(blocks[0]) + len(seed_texts) * (rc.finetune_seed_repeats if use_seeds else 0)
-        per_epoch = math.ceil(n / rc.finetune_batch_size)
-        total = max(1, round(rc.epochs_to_finetune * per_epoch))
-        shipped = schedule(max(1, per_epoch // 2), total)
-        dense = schedule(max(1, per_epoch // 8), total)
+        _, total, shipped = evaluation_schedule(n, rc.finetune_batch_size,
+                                                rc.epochs_to_finetune, 2)
+        _, _, dense = evaluation_schedule(n, rc.finetune_batch_size, rc.epochs_to_finetune, 8)
         watched = {**(monitor or {}),
                    "intent_set_4": _shipped_set("intent_set_4.jsonl", list(cfg.axes))}
         res = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds,
