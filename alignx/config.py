@@ -241,8 +241,24 @@ class RouterCfg(_Section):
     )
     ood_quantile: float | None = Field(
         0.99, gt=0, le=1, description="OOD radius = this quantile of the validation prompts' "
-        "distance to the nearest calibration centroid (~1% of in-distribution requests flagged "
-        "at 0.99); null = the largest fractal radius.",
+        "OOD score (~1% of in-distribution requests flagged at 0.99); null = the largest "
+        "validation score (router.ood_detector=hidden) or the largest fractal radius (fractal).",
+    )
+    ood_detector: Literal["hidden", "fractal"] = Field(
+        "hidden", description="What raises the OOD flag that serving reports and the threshold "
+        "policy falls back on: hidden = Mahalanobis distance of the encoder's middle-layer "
+        "state to the class means (adopted by docs/experiments/ood_hidden_protocol.md: it "
+        "flags 94-98% of non-request texts where the fractal test flagged 0-2%); fractal = "
+        "the fractal calibrator's radius test in the router's latent space (METHOD.md). The "
+        "calibrated weights are the same either way; the report shows both flags.",
+    )
+    ood_layer: int | None = Field(
+        None, ge=0, description="router.ood_detector=hidden: the encoder layer whose pooled "
+        "state is scored (0 = embeddings); unset = the middle layer (3 of MiniLM's 6).",
+    )
+    ood_shrinkage: float = Field(
+        0.1, ge=0, le=1, description="router.ood_detector=hidden: weight of the scaled identity "
+        "in the shared covariance.",
     )
     calibration_weights: tuple[float, float] = Field(
         (0.6, 0.4), description="(lambda_1 fractal, lambda_2 natural), the paper's weights."

@@ -1,7 +1,8 @@
 """Benchmark: MoCaE routing latency and throughput on CPU (issue: Stage 2).
 
 Measures, in one run:
-  * per-request routing latency (p50/p99) of ``MoCaERouter.predict`` on one feature vector,
+  * per-request routing latency (p50/p99) on one feature vector: the run's router as served
+    (MoCaE + its OOD detector), or ``MoCaERouter.predict`` on the synthetic router,
   * per-request latency including feature extraction (all-MiniLM-L6-v2 on one prompt),
   * batched throughput (requests/s) of routing alone and of encoder + routing.
 
@@ -49,8 +50,11 @@ def main() -> int:
 
         calibrated = load(args.run_dir)
         router = calibrated.router
-        d = router.mean.shape[0]
-        source = f"{args.run_dir}/router"
+        # the served path: MoCaE + the hidden-state OOD detector, on h(x) + the layer's state
+        d = router.mean.shape[0] + (calibrated.ood.dim if calibrated.ood is not None else 0)
+        predict = calibrated.route
+        source = (f"{args.run_dir}/router (OOD flag: "
+                  f"{'hidden layer ' + str(calibrated.hidden_layer) if calibrated.ood else 'fractal'})")
     else:  # 3 axes x 2000 train + 3 x 300 val points in 384-d, like the MiniLM calibration set
         d = 384
         centers = rng.normal(size=(3, d))
@@ -61,6 +65,7 @@ def main() -> int:
         h_tr, y_tr = cloud(6000)
         h_va, y_va = cloud(900)
         router = MoCaERouter(MoCaEConfig(fractal_mode="knn"), axes=AXES).fit(h_tr, y_tr, h_va, y_va)
+        predict = router.predict
         source = "synthetic 3-axis clouds (6000 train, 384-d)"
     codes = int(router.fractal.centroids.shape[0])
     h1 = rng.normal(size=(1, d)).astype(np.float32)
@@ -77,9 +82,9 @@ def main() -> int:
         return np.array(ts) * 1e3  # ms
 
     rows = []
-    t = timed(lambda: router.predict(h1), args.requests)
+    t = timed(lambda: predict(h1), args.requests)
     rows.append(("route 1 request (features given)", np.median(t), np.percentile(t, 99), 1e3 / t.mean()))
-    t = timed(lambda: router.predict(hb), max(10, args.requests // 20))
+    t = timed(lambda: predict(hb), max(10, args.requests // 20))
     rows.append((f"route batch of {args.batch}", np.median(t), np.percentile(t, 99),
                  args.batch * 1e3 / t.mean()))
     if not args.no_encoder:
@@ -90,14 +95,14 @@ def main() -> int:
             from alignx.config import load_config
 
             model_cfg = load_config(Path(args.run_dir) / "router" / "config.yaml").model
-            enc = calibrated.build_encoder(model_cfg)
+            encode = calibrated.features(calibrated.build_encoder(model_cfg))
         else:
-            enc = SentenceEncoder()
+            encode = SentenceEncoder().encode
         prompt = ["How do I get a refund for an order that arrived damaged?"]
-        t = timed(lambda: router.predict(enc.encode(prompt)), max(20, args.requests // 5))
+        t = timed(lambda: predict(encode(prompt)), max(20, args.requests // 5))
         rows.append(("encode + route 1 request", np.median(t), np.percentile(t, 99), 1e3 / t.mean()))
         texts = prompt * args.batch
-        t = timed(lambda: router.predict(enc.encode(texts)), 5)
+        t = timed(lambda: predict(encode(texts)), 5)
         rows.append((f"encode + route batch of {args.batch}", np.median(t), np.percentile(t, 99),
                      args.batch * 1e3 / t.mean()))
 

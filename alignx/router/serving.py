@@ -9,6 +9,7 @@ base model or encoder.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,29 @@ import numpy as np
 from alignx.artifacts import ArtifactLayout, ArtifactNotFoundError, read_manifest_dict
 from alignx.axes import Axis, parse_axis
 from alignx.router.mocae import MoCaERouter, route
+from alignx.router.ood import HiddenStateOOD
 from alignx.serve.router import RoutingInfo
 
 
 class CalibratedRouter:
-    """A fitted :class:`MoCaERouter` plus its manifest (encoder id, policy, threshold, ...)."""
+    """A fitted :class:`MoCaERouter` plus its manifest (encoder id, policy, threshold, ...)
+    and, when the manifest names one, its hidden-state OOD detector (:mod:`alignx.router.ood`).
+
+    Its features are :meth:`features`' (``(N, d)``, or ``(N, d + d_h)`` with the detector:
+    h(x) followed by the detector layer's pooled state); ``route`` / ``dispatch`` take them.
+
+    Raises:
+        ValueError: the manifest names a hidden-state detector and none is given.
+    """
 
     def __init__(self, router: MoCaERouter, manifest: dict[str, Any],
-                 directory: str | Path | None = None):
+                 directory: str | Path | None = None, ood: HiddenStateOOD | None = None):
+        if manifest.get("ood_detector", {}).get("kind") == "hidden" and ood is None:
+            raise ValueError("the router manifest names a hidden-state OOD detector, but none "
+                             "was loaded (ood.json / ood.safetensors; run `alignx calibrate` "
+                             "again)")
         self.router = router
+        self.ood = ood
         self.manifest = manifest
         self.axes: list[Axis] = [parse_axis(a) for a in manifest["axes"]]
         self.encoder_id: str = manifest["encoder"]
@@ -51,16 +66,53 @@ class CalibratedRouter:
                              f"{encoder.id!r} (run `alignx calibrate` again)")
         return encoder
 
+    @property
+    def hidden_layer(self) -> int | None:
+        """The encoder layer whose state the OOD detector reads (None: no detector)."""
+        return self.ood.layer if self.ood is not None else None
+
+    def features(self, encoder: Any) -> Callable[[Sequence[str]], np.ndarray]:
+        """``texts -> features`` for :meth:`route`: the calibration job's feature function
+        (:func:`~alignx.router.features.router_features`) bound to this router's layer."""
+        from alignx.router.features import router_features
+
+        layer = self.hidden_layer
+        return lambda texts: router_features(encoder, texts, layer)
+
+    def split(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``features`` -> (h(x) (N, d), the detector layer's state (N, d_h) or None).
+
+        Raises:
+            ValueError: the width is not the router's (names what :meth:`features` gives).
+        """
+        x = np.atleast_2d(np.asarray(features, np.float32))
+        d = self.router.mean.shape[0]
+        want = d + (self.ood.dim if self.ood is not None else 0)
+        if x.shape[1] != want:
+            raise ValueError(
+                f"features have {x.shape[1]} columns; this router takes {want} "
+                + (f"(h(x), {d}, then layer {self.ood.layer}'s state, {self.ood.dim}: "
+                   "CalibratedRouter.features(encoder))" if self.ood is not None else "(h(x))"))
+        return (x[:, :d], x[:, d:]) if self.ood is not None else (x, None)
+
+    def _predict(self, features: np.ndarray) -> tuple[Any, np.ndarray]:
+        h, g = self.split(features)
+        res = self.router.predict(h)
+        return res, (self.ood.flag(g) if self.ood is not None and g is not None else res.ood)
+
     def route(self, features: np.ndarray) -> list[RoutingInfo]:
-        """``(N, d)`` features -> N routing decisions (argmax axis, weights, confidence, ood)."""
-        res = self.router.predict(features)
-        return self._infos(res.weights, res.ood)
+        """Features (:meth:`features`) -> N routing decisions (argmax axis, weights,
+        confidence, ood). ``ood`` is the hidden-state detector's flag when the router has
+        one, else the fractal calibrator's radius test."""
+        res, ood = self._predict(features)
+        return self._infos(res.weights, ood)
 
     def route_softmax(self, features: np.ndarray) -> list[RoutingInfo]:
         """The uncalibrated baseline: weights are the linear router's raw softmax (T = 1; the
         ``raw_softmax`` row of the ablation table), with no temperature, calibrators or OOD
         flag (``ood`` is always False: a plain softmax router has no way to raise it)."""
-        p = self.router.ablation_probs(features)["raw_softmax"]  # (N, A)
+        h, _ = self.split(features)
+        p = self.router.ablation_probs(h)["raw_softmax"]  # (N, A)
         return self._infos(p, np.zeros(len(p), dtype=bool))
 
     def _infos(self, weights: np.ndarray, ood: np.ndarray) -> list[RoutingInfo]:
@@ -77,8 +129,8 @@ class CalibratedRouter:
     def dispatch(self, features: np.ndarray, policy: str | None = None,
                  threshold: float | None = None, fallback: str | None = None) -> list[Axis]:
         """The expert each request goes to under the policy (default: the manifest's)."""
-        res = self.router.predict(features)
-        idx = route(res.weights, res.confidence, res.ood,
+        res, ood = self._predict(features)
+        idx = route(res.weights, res.confidence, ood,
                     policy=policy or self.manifest["policy"],  # type: ignore[arg-type]
                     threshold=self.manifest["threshold"] if threshold is None else threshold,
                     fallback=fallback or self.manifest["fallback"], axes=self.axes)
@@ -100,7 +152,14 @@ def load(run_dir: str | Path) -> CalibratedRouter:
         raise ArtifactNotFoundError(
             f"no calibrated router in {d.parent} (run `alignx calibrate --run-dir {d.parent}`)")
     manifest = read_manifest_dict(d / "manifest.json", required=("axes", "encoder", "base_model"))
-    return CalibratedRouter(MoCaERouter.load(d), manifest, d)
+    kind = manifest.get("ood_detector", {}).get("kind", "fractal")
+    try:
+        ood = HiddenStateOOD.load(d) if kind == "hidden" else None
+    except FileNotFoundError as e:
+        raise ArtifactNotFoundError(f"the router in {d} names a hidden-state OOD detector but "
+                                    f"{Path(e.filename or '').name or 'its files'} is missing "
+                                    f"(run `alignx calibrate --run-dir {d.parent}` again)") from None
+    return CalibratedRouter(MoCaERouter.load(d), manifest, d, ood=ood)
 
 
 def route_prompts(run_dir: str | Path, lines: list[str], model_cfg: Any) -> list[dict[str, Any]]:
@@ -128,7 +187,7 @@ def route_prompts(run_dir: str | Path, lines: list[str], model_cfg: Any) -> list
                                    cr.manifest.get("context_turns", 0)))
     if not prompts:
         return []
-    h = cr.build_encoder(model_cfg).encode(prompts)
+    h = cr.features(cr.build_encoder(model_cfg))(prompts)
     infos, chosen = cr.route(h), cr.dispatch(h)
     return [{"axis": c.value, "weights": {a.value: round(w, 6) for a, w in i.weights.items()},
              "confidence": round(i.confidence, 6), "ood": i.ood, "argmax": i.axis.value}

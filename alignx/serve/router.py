@@ -6,7 +6,8 @@ deployment. Per request:
 
 1. validate the body (:mod:`alignx.serve.schemas`; bad input is a 4xx with an OpenAI error
    body, never a 500);
-2. features h(x) = ``encoder.encode([router_text(messages, context_turns)])`` — the *same*
+2. features h(x) = ``routing_model.features(encoder)([router_text(messages, context_turns)])``
+   (``encoder.encode`` for a routing model without ``features``) — the *same*
    functions as calibration (train/serve parity); concurrent requests share one ``encode``
    call (:class:`CoalescingEncoder`);
 3. calibrated weights from the :class:`RoutingModel`, then the dispatch policy
@@ -342,7 +343,12 @@ class AlignXRouter:
         self.axes = list(self.experts)
         self.routing_model = routing_model
         self.encoder = encoder
-        self._batcher = CoalescingEncoder(encoder.encode) if encoder is not None else None
+        # the routing model's own feature function when it has one (a calibrated router with
+        # an OOD detector reads one more layer of the same forward pass), else encoder.encode
+        feature_fn = getattr(routing_model, "features", None)
+        encode = (feature_fn(encoder) if callable(feature_fn) and encoder is not None
+                  else getattr(encoder, "encode", None))
+        self._batcher = CoalescingEncoder(encode) if encode is not None else None
         self.settings = settings or RouterSettings()
         self.tokenizer = tokenizer
         self.metrics = metrics or NullMetrics()

@@ -89,6 +89,19 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     assert all(0 <= r["seed_cv_accuracy"] <= 1 and 0 <= r["origin_val_accuracy"] <= 1
                for r in rel["rows"])
     assert 0.0 <= report["ood"]["auroc"] <= 1.0
+    # the OOD flag serving reports: the middle layer's detector, saved with the router; the
+    # report shows it and the fractal radius test on both OOD sets and every evaluation set
+    ood = report["ood"]
+    assert ood["detector"] == manifest["ood_detector"]["kind"] == "hidden"
+    assert ood["layer"] == manifest["ood_detector"]["layer"] == 3
+    assert (d / "ood.safetensors").is_file() and (d / "ood.json").is_file()
+    assert set(ood["flags"]) == {"hidden", "fractal"}
+    for flags in ood["flags"].values():
+        assert set(flags["ood_sets"]) == {"ood_set", "ood_set_2"}
+        assert set(flags["flagged_in_distribution"]) == {"test", *EVALUATION_SETS}
+    assert ood["auroc"] == ood["flags"]["hidden"]["ood_sets"]["ood_set_2"]["auroc"]
+    assert ood["flagged_ood"] == ood["flags"]["hidden"]["ood_sets"]["ood_set_2"]["flagged"]
+    assert report["counts"]["ood_2"] == 160
     # the ECE comparison is MoCaE's own row against raw softmax's, on the same prompts
     for key in EVALS:
         g = report["ece_mocae_minus_raw_softmax"][key]
@@ -114,6 +127,7 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     text = format_report(report)  # what `alignx calibrate` prints
     assert "by predicted axis" in text and "validation_in_sample" in text
     assert "pooling temperature: distance" in text
+    assert "OOD flag: hidden" in text and "ood_set_2.jsonl: 160" in text
     for _, title in EVALUATION_SETS.values():
         assert title in text
     assert set(manifest["metrics"]) == {*EVALS, "ood_auroc"}
@@ -139,6 +153,11 @@ def test_embedding_a_block_does_not_depend_on_the_blocks_around_it(ray_local):
     np.testing.assert_allclose(both, build_encoder("sentence", cfg.model).encode(a + b), atol=1e-5)
     with pytest.raises(ValueError, match="do not partition"):
         embed_texts(cfg, a, [3, 3])
+    # with the OOD detector's layer: the same features, then that layer's state
+    wide = embed_texts(cfg, a + b, [len(a), len(b)], hidden_layer=3)
+    assert wide.shape == (15, 768)
+    np.testing.assert_array_equal(wide[:, :384], both)
+    assert embed_texts(cfg, [], hidden_layer=3).shape == (0, 768)
 
 
 def test_route_cli_outputs_one_json_line_per_prompt(calibrated, tmp_path):

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -353,3 +354,29 @@ def test_one_json_log_line_per_request_without_prompt(client, caplog):
     assert len(lines) == 1
     assert lines[0]["axis"] == "honesty" and lines[0]["status"] == 200
     assert "messages" not in lines[0] and HONEST not in json.dumps(lines[0])
+
+
+def test_a_routing_model_with_its_own_feature_function_gets_what_it_computes():
+    """A calibrated router with an OOD detector reads one more layer of the encoder's forward
+    pass: the ingress encodes with ``routing_model.features(encoder)``, not ``encode``."""
+
+    class WideRouting(rf.KeywordRouting):
+        def __init__(self):
+            self.seen = []
+
+        def features(self, encoder):
+            def fn(texts):
+                h = encoder.encode(texts)
+                return np.concatenate([h, np.full((len(h), 1), 7.0, np.float32)], axis=1)
+            return fn
+
+        def route(self, features):
+            self.seen.append(features.shape)
+            return super().route(features[:, :-1])
+
+    routing = WideRouting()
+    enc = rf.KeywordEncoder()
+    router = AlignXRouter({a: FakeExpert(a.value) for a in Axis}, routing, enc)
+    out = TestClient(build_router_api(router)).post("/v1/chat/completions", json=body(HONEST))
+    assert out.status_code == 200 and out.json()["alignx"]["axis"] == "honesty"
+    assert routing.seen == [(1, enc.encode([HONEST]).shape[1] + 1)]
