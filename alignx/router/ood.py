@@ -106,8 +106,12 @@ class HiddenStateOOD:
         if g.shape[1] != self.means.shape[1]:
             raise ValueError(f"hidden states have {g.shape[1]} dims, the OOD detector expects "
                              f"{self.means.shape[1]} (layer {self.layer})")
-        diff = g[:, None, :] - self.means[None, :, :]  # (N, A, d_h)
-        return ((diff @ self.precision) * diff).sum(-1).min(axis=1)  # (N, A) -> (N,)
+        # (g - mu)^T P (g - mu) = g^T P g - 2 (P g)^T mu + mu^T P mu: one (N, d_h) x (d_h, d_h)
+        # product for all classes instead of one per class
+        gp = g @ self.precision  # (N, d_h)
+        mpm = np.einsum("ad,ad->a", self.means @ self.precision, self.means)  # (A,)
+        sq = np.einsum("nd,nd->n", gp, g)[:, None] - 2.0 * gp @ self.means.T + mpm  # (N, A)
+        return np.maximum(sq.min(axis=1), 0.0)  # (N,); >= 0 up to float rounding
 
     def flag(self, g: np.ndarray) -> np.ndarray:
         """(N,) bool: the score exceeds the radius."""

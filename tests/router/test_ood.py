@@ -121,6 +121,12 @@ def test_base_encoder_hidden_state_is_batch_invariant():
     _, g1 = enc.encode_with_hidden(texts[:1], enc.n_layers // 2)
     np.testing.assert_allclose(g[0], g1[0], atol=1e-5)
     assert g.shape == (3, enc.dim) and not np.allclose(g, h)
+    # the job reads the shape without loading the weights
+    from alignx.router.features import SentenceEncoder, encoder_shape
+
+    assert encoder_shape("base", ModelCfg(name="tiny-llama")) == (enc.dim, enc.n_layers)
+    assert encoder_shape("sentence", ModelCfg(name="tiny-llama")) == (384, 6) == (
+        SentenceEncoder.dim, SentenceEncoder.n_layers)
 
 
 def test_ood_layer_defaults_to_the_middle_and_refuses_a_layer_too_deep(tmp_path):
