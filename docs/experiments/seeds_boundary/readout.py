@@ -36,6 +36,8 @@ for run in runs:
         data[name] = (h, np.array([cr.axes.index(a) for a in axes]))
         out[name.removesuffix(".jsonl")] = cr.router.evaluate(*data[name])["mocae"]
     for key in ("intent_set_5", "intent_set_6"):
+        if key not in report:  # a router calibrated before the set was an evaluation set
+            continue
         mine, theirs = out[key], report[key]["mocae"]
         # routers calibrated before the served feature function embed through
         # sentence-transformers; the two agree to float rounding, so at most a prompt moves
