@@ -162,10 +162,13 @@ class RouterCfg(_Section):
         "or on the dataset each prompt comes from.",
     )
     seed_sets: tuple[str, ...] = Field(
-        ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl"),
+        ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl",
+         "intent_seeds_3.jsonl"),
         description="Hand-written intent seed files (intent targets only): names shipped in "
         "alignx/router/ (intent_seeds.jsonl: 360 seeds; intent_seeds_2.jsonl: 756 more, in four "
         "registers, chosen on validation by docs/experiments/intent_seeds_2_protocol.md; "
+        "intent_seeds_3.jsonl: 594 boundary cases, adopted by "
+        "docs/experiments/seeds_boundary_protocol.md; "
         "intent_set_2.jsonl / intent_set_3.jsonl / intent_set_4.jsonl: retired frozen sets, "
         "~595 each, the first a default seed file since "
         "docs/experiments/shift_calibration_protocol.md) or paths to JSON Lines files of "

@@ -76,9 +76,10 @@ def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
                            "router.calibration_sets=[intent_set_2.jsonl]"])
     with pytest.raises(AlignXConfigError, match="router.calibration_sets.*named twice"):
         load_config(None, ["router.calibration_sets=[intent_set_3.jsonl,intent_set_3.jsonl]"])
-    # the defaults: the second set trains, the third calibrates; [] = validation split only
+    # the defaults: the second set and the boundary seeds train, the third set calibrates; [] = validation split only
     d = load_config(None).router
-    assert d.seed_sets == ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl")
+    assert d.seed_sets == ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl",
+                           "intent_seeds_3.jsonl")
     assert d.calibration_sets == ("intent_set_3.jsonl",)
     assert load_config(None, ["router.calibration_sets=[]"]).router.calibration_sets == ()
     with pytest.raises(AlignXConfigError, match="router.seed_sets.*empty"):

@@ -10,7 +10,9 @@ other tasks -> helpfulness.
 propagation (Zhou et al., 2004, "Learning with local and global consistency") over a
 k-nearest-neighbour cosine graph of the prompts' features plus a small hand-labelled seed set
 (``router.seed_sets``: ``alignx/router/intent_seeds.jsonl``, ``intent_seeds_2.jsonl``, the
-second seed set written against style-driven routing, and optionally the retired frozen sets).
+second seed set written against style-driven routing, ``intent_seeds_3.jsonl``, boundary cases
+(false premises inside ordinary tasks, harmful asks phrased as chores, benign requests that look
+alarming), and optionally the retired frozen sets).
 The origin label enters as a weak prior, the seeds as strong labels, and a prompt may only move
 along the allowed transitions (TruthfulQA questions stay honesty, by construction of that
 dataset). The evaluation sets
@@ -49,12 +51,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: hand-labelled files shipped in this package for training or calibration
-#: (``router.seed_sets`` / ``router.calibration_sets`` pick among them): the two seed sets, and
+#: (``router.seed_sets`` / ``router.calibration_sets`` pick among them): the three seed sets
+#: (the third: boundary cases, ``docs/experiments/seeds_boundary_protocol.md``), and
 #: the second, third and fourth frozen intent sets, retired from evaluation once scored
 #: (``docs/experiments/shift_calibration_protocol.md``, ``seeds_4_protocol.md``)
 SHIPPED_SEED_SETS: tuple[str, ...] = ("intent_seeds.jsonl", "intent_seeds_2.jsonl",
-                                      "intent_set_2.jsonl", "intent_set_3.jsonl",
-                                      "intent_set_4.jsonl")
+                                      "intent_seeds_3.jsonl", "intent_set_2.jsonl",
+                                      "intent_set_3.jsonl", "intent_set_4.jsonl")
 
 #: hand-labelled evaluation sets shipped in this package, never trained or calibrated on:
 #: report key -> (file, title). ``intent_validation`` is held-out validation data (20% of the

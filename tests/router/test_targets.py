@@ -206,6 +206,7 @@ def test_shipped_seed_and_intent_sets_are_valid_and_disjoint() -> None:
     assert len(sets["intent_set_6.jsonl"][0]) >= 500
     assert len(sets["intent_set_7.jsonl"][0]) >= 500
     assert len(sets["intent_seeds_2.jsonl"][0]) >= 600
+    assert len(sets["intent_seeds_3.jsonl"][0]) >= 550
     assert len(sets["intent_validation.jsonl"][0]) >= 150
     norms = {}
     for name, (prompts, axes) in sets.items():
