@@ -111,6 +111,7 @@ class _RoutedSystem:
         self.router = load(run_dir)
         check_same_base(base_model_id(model_cfg), self.router.base_model, "the router")
         self.encoder = self.router.build_encoder(model_cfg)
+        self.embed = self.router.features(self.encoder)  # the served feature function
         self.calibrated = calibrated
         layout = ArtifactLayout(run_dir)
         self.router_dir = layout.root / "router"
@@ -147,8 +148,7 @@ class _RoutedSystem:
         from alignx.router.features import router_text
         from alignx.serve.router import choose_axis
 
-        h = self.router.features(self.encoder)(
-            [router_text(messages, self.router.manifest.get("context_turns", 0))])
+        h = self.embed([router_text(messages, self.router.manifest.get("context_turns", 0))])
         info = (self.router.route(h) if self.calibrated else self.router.route_softmax(h))[0]
         axis = choose_axis(info, *self.policy, self.router.axes)
         self.model.set_adapter(axis.value)
