@@ -27,12 +27,14 @@ spec.loader.exec_module(build)
 
 def build_set(d: Path, themes: dict[str, str], reference: tuple[str, ...], seed: int) -> None:
     """Read ``d``'s writer files (``writer_<key>.jsonl``, one theme each), drop duplicates of
-    the ``reference`` files and of seed 0's router data, write the blind files into ``d``
-    (the fifth set's ``build.py`` calls this on its own folder)."""
+    the ``reference`` files (shipped names, or paths when they hold a "/") and of seed 0's
+    router data, write the blind files into ``d`` (later sets' ``build.py`` call this on their
+    own folders)."""
     rows = [r for k, theme in themes.items()
             for r in build.read_writer(d / f"writer_{k}.jsonl", {"theme": theme})]
     print("written", len(rows))
-    ref = [p for name in reference for p in read_intent_prompts(name=name)[0]]
+    ref = [p for name in reference for p in (read_intent_prompts(path=name) if "/" in name
+                                             else read_intent_prompts(name=name))[0]]
     final, _ = build.dedupe(rows, ref + build.router_data())
     build.write_blind(final, d, seed)
 
