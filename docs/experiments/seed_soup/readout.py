@@ -67,6 +67,13 @@ def main(argv: list[str]) -> None:
         axes_order = axes
     y = {k: np.array([axes_order.index(a) for a in labels]) for k, (_, labels) in data.items()}
     rows = {run: scores(probs[run], y) for run in [*members, soup]}
+    seed = load_config(Path(soup) / "router" / "config.yaml").seed
+    for run in [*members, soup]:  # a router of the soup's seed scored its own test split
+        report = json.loads((Path(run) / "router" / "router_report.json").read_text())
+        if load_config(Path(run) / "router" / "config.yaml").seed == seed:
+            theirs = report["test_origin_labels"]["mocae"]
+            assert abs(rows[run]["test"]["accuracy"] - theirs["accuracy"]) < 1e-3, (run, theirs)
+            assert abs(rows[run]["test"]["ece"] - theirs["ece"]) < 2e-3, (run, theirs)
     rows["E"] = scores({k: np.mean([probs[m][k] for m in members], axis=0) for k in data}, y)
     rows["member_mean"] = {k: {m: round(float(np.mean([rows[r][k][m] for r in members])), 4)
                                for m in ("accuracy", "ece")} for k in rows[soup]}
