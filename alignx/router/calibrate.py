@@ -313,25 +313,48 @@ def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
     (``router.finetune_average_from``); ``kwargs`` override
     :func:`~alignx.router.finetune.finetune_sentence_encoder`'s arguments. Returns its
     :class:`~alignx.router.finetune.FinetuneResult` with ``blocks`` embedded by the chosen
-    weights."""
+    weights.
+
+    With ``router.finetune_members`` = M > 1, M such fine-tunes run as parallel Ray tasks, the
+    same data and fine-tune seeds ``cfg.seed + i``; the result is their soup (the uniform
+    average of their weights, :func:`~alignx.router.finetune.soup`), ``blocks`` embedded with
+    it in one more task."""
     import ray
+
+    from alignx.router.finetune import embed_with_state, soup
 
     rc = cfg.router
     reps = rc.finetune_seed_repeats if use_seeds else 0
     texts = list(blocks[0]) + list(seed_texts) * reps
     y = np.concatenate([t_tr] + [seed_y] * reps)
-    task = ray.remote(num_cpus=rc.finetune_cpus, num_gpus=rc.finetune_gpus,
-                      max_retries=0)(_finetune_task)
-    log.info("fine-tuning the sentence encoder: %d texts (%d seed repeats), up to %.2f epochs",
-             len(texts), reps, rc.epochs_to_finetune)
+    resources = dict(num_cpus=rc.finetune_cpus, num_gpus=rc.finetune_gpus, max_retries=0)
+    task = ray.remote(**resources)(_finetune_task)
+    m = rc.finetune_members
+    log.info("fine-tuning the sentence encoder%s: %d texts (%d seed repeats), up to %.2f epochs",
+             f" {m} times (a soup of their weights)" if m > 1 else "", len(texts), reps,
+             rc.epochs_to_finetune)
+    device = "cuda" if rc.finetune_gpus > 0 else "cpu"
+    threads = max(1, int(rc.finetune_cpus))
     args = dict(n_axes=len(cfg.axes), epochs=rc.epochs_to_finetune, lr=rc.finetune_lr,
-                batch_size=rc.finetune_batch_size, seed=cfg.seed,
-                threads=max(1, int(rc.finetune_cpus)),
-                device="cuda" if rc.finetune_gpus > 0 else "cpu", monitor=monitor,
+                batch_size=rc.finetune_batch_size, seed=cfg.seed, threads=threads,
+                device=device, monitor=monitor,
                 evals_per_epoch=rc.finetune_evals_per_epoch,
                 select_on=finetune_select_on(cfg, monitor),
                 average_from=rc.finetune_average_from)
-    return ray.get(task.remote(texts, y, list(blocks[1]), t_va, blocks, **{**args, **kwargs}))
+    args.update(kwargs)
+    if m == 1:
+        return ray.get(task.remote(texts, y, list(blocks[1]), t_va, blocks, **args))
+    # the members embed nothing (blocks=[]): only their weights are needed
+    texts_ref, y_ref, va_ref, t_va_ref = (ray.put(v) for v in (texts, y, list(blocks[1]), t_va))
+    seeds = [cfg.seed + i for i in range(m)]
+    members = ray.get([task.remote(texts_ref, y_ref, va_ref, t_va_ref, [], **{**args, "seed": s})
+                       for s in seeds])
+    res = soup(members, seeds)
+    embed = ray.remote(**resources)(embed_with_state)
+    res.features = ray.get(embed.remote(res.state, blocks, hidden_layer=args.get("hidden_layer"),
+                                        threads=threads, device=device))
+    log.info("encoder soup: the average of %d fine-tunes (seeds %s)", m, seeds)
+    return res
 
 
 def finetune_select_on(cfg: AlignXConfig, monitor: Mapping[str, Any] | None) -> tuple[str, ...]:

@@ -60,13 +60,59 @@ class FinetuneResult:
     averaged_steps: list[int] = field(default_factory=list)  # the states averaged, if any
     #: every evaluation point's weights, {step: state}, when asked for (``keep_states``)
     states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    #: a soup's members (:func:`soup`): each one's summary, with its fine-tune seed
+    members: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         best = next((p for p in self.curve if p["step"] == self.best_step), {})
-        return {"steps": self.steps, "best_step": self.best_step,
-                "best_val_nll": best.get("val_nll"), "selected_on": list(self.selected_on),
-                "averaged_steps": self.averaged_steps, "seconds": round(self.seconds, 1),
-                "curve": self.curve}
+        out = {"steps": self.steps, "best_step": self.best_step,
+               "best_val_nll": best.get("val_nll"), "selected_on": list(self.selected_on),
+               "averaged_steps": self.averaged_steps, "seconds": round(self.seconds, 1),
+               "curve": self.curve}
+        if self.members:
+            out["members"] = self.members
+        return out
+
+
+def soup(members: Sequence[FinetuneResult], seeds: Sequence[int]) -> FinetuneResult:
+    """A soup of fine-tunes: the uniform average of the members' weights
+    (:func:`average_states`) and each member's summary, its fine-tune ``seed`` added; no
+    features yet (embed with :func:`embed_with_state`). The first member's curve and steps
+    stand for the soup's (the members share one schedule)."""
+    if len(members) != len(seeds) or not members:
+        raise ValueError("a soup needs one seed per member and at least one member")
+    first = members[0]
+    return FinetuneResult(
+        state=average_states([m.state for m in members]), features=[], curve=first.curve,
+        best_step=first.best_step, steps=first.steps,
+        seconds=sum(m.seconds for m in members), selected_on=first.selected_on,
+        averaged_steps=first.averaged_steps,
+        members=[{"seed": int(s), **{k: v for k, v in m.summary().items() if k != "curve"}}
+                 for m, s in zip(members, seeds, strict=True)])
+
+
+def embed_with_state(state: Mapping[str, np.ndarray], blocks: Sequence[Sequence[str]], *,
+                     hidden_layer: int | None = None, threads: int | None = None,
+                     device: str = "cpu", encoder: Any = None) -> list[np.ndarray]:
+    """Embed ``blocks`` with the sentence encoder carrying ``state`` (the served feature
+    function, :func:`~alignx.router.features.router_features`): ``(N_i, 384)`` per block, or
+    ``(N_i, 768)`` with ``hidden_layer``. ``encoder``: a SentenceEncoder to load into (tests)."""
+    import torch
+
+    from alignx.router.features import SentenceEncoder, router_features
+
+    n_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        enc = encoder if encoder is not None else SentenceEncoder(device=device)
+        dev = next(enc.model.parameters()).device
+        enc.model.load_state_dict({k: torch.from_numpy(np.asarray(v)).to(dev)
+                                   for k, v in state.items()}, strict=True)
+        enc.model.eval()
+        return [router_features(enc, list(b), hidden_layer) for b in blocks]
+    finally:
+        torch.set_num_threads(n_threads)
 
 
 def evaluation_schedule(n_texts: int, batch_size: int, epochs: float,

@@ -10,9 +10,11 @@ from alignx.router.calibrate import save_encoder_weights
 from alignx.router.features import FINETUNED_WEIGHTS, SentenceEncoder, build_encoder
 from alignx.router.finetune import (
     average_states,
+    embed_with_state,
     evaluation_schedule,
     finetune_sentence_encoder,
     selection_score,
+    soup,
 )
 
 HELP = ["Write a haiku about autumn.", "Summarise this paragraph in one line.",
@@ -113,6 +115,8 @@ def test_finetune_epochs_default_and_validation():
         load_config(None, ["router.finetune_select=calibration"])
     with pytest.raises(AlignXConfigError, match="finetune_evals_per_epoch"):
         load_config(None, ["router.finetune_evals_per_epoch=0"])
+    with pytest.raises(AlignXConfigError, match="finetune_members"):
+        load_config(None, ["router.finetune_members=0"])
 
 
 def test_finetune_is_reproducible_for_its_seed_and_leaves_the_global_rng_alone():
@@ -230,3 +234,54 @@ def test_evaluation_schedule_is_every_fraction_of_an_epoch_and_the_last_step():
     assert dense[:2] == [34, 68] and dense[-2:] == [544, 558] and len(dense) == 17
     assert [s for s in dense if s >= total / 2] == [306, 340, 374, 408, 442, 476, 510, 544, 558]
     assert evaluation_schedule(3, 4, 0.1, 8) == (1, 1, [1])  # never fewer than one step
+
+
+def test_a_soup_is_the_average_of_its_members_fine_tuned_in_parallel_ray_tasks(ray_local):
+    """router.finetune_members=2: two fine-tunes on the same data, seeds 0 and 1, as Ray
+    tasks; the encoder is their uniform average and every block is embedded with it."""
+    from alignx.router.calibrate import run_finetune
+
+    small = ["router.finetune_epochs=1", "router.finetune_batch_size=4",
+             "router.finetune_evals_per_epoch=1", "router.finetune_cpus=1",
+             "router.finetune_average_from=null"]
+    cfg = load_config(None, [*small, "router.finetune_members=2"])
+    blocks = [TEXTS, TEXTS, HELP[:2]]  # train, validation, one more block
+    res = run_finetune(cfg, blocks, Y, Y, [], np.zeros(0, np.int64), use_seeds=False)
+    # each member alone, in this process: the same fine-tune as the Ray task's for its seed
+    alone = [finetune_sentence_encoder(TEXTS, Y, TEXTS, Y, [], n_axes=3, epochs=1,
+                                       lr=cfg.router.finetune_lr, batch_size=4,
+                                       evals_per_epoch=1, threads=1, seed=s,
+                                       encoder=SentenceEncoder()) for s in (0, 1)]
+    q = "0.model.encoder.layer.0.attention.self.query.weight"
+    assert not np.allclose(alone[0].state[q], alone[1].state[q])  # the seeds differ
+    want = average_states([a.state for a in alone])
+    assert set(res.state) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(res.state[k], v, rtol=1e-5, atol=1e-6)
+    assert [m["seed"] for m in res.members] == [0, 1]
+    assert res.summary()["members"][1]["steps"] == alone[1].steps == res.steps
+    # every block is the soup's features, in order
+    soup_feats = embed_with_state(want, [TEXTS, HELP[:2]], encoder=SentenceEncoder())
+    assert [f.shape for f in res.features] == [(12, 384), (12, 384), (2, 384)]
+    np.testing.assert_allclose(res.features[0], soup_feats[0], atol=1e-5)
+    np.testing.assert_allclose(res.features[2], soup_feats[1], atol=1e-5)
+    # one member (the default) is the plain fine-tune, without a members list
+    one = run_finetune(load_config(None, small), blocks, Y, Y, [], np.zeros(0, np.int64),
+                       use_seeds=False)
+    assert one.members == [] and "members" not in one.summary()
+    np.testing.assert_allclose(one.state[q], alone[0].state[q], rtol=1e-5, atol=1e-6)
+
+
+def test_soup_refuses_mismatched_members_and_embed_with_state_adds_the_hidden_layer(tuned):
+    enc, _, res = tuned
+    with pytest.raises(ValueError, match="one seed per member"):
+        soup([res], [0, 1])
+    with pytest.raises(ValueError, match="one seed per member"):
+        soup([], [])
+    one = soup([res], [7])
+    assert one.features == [] and one.members[0]["seed"] == 7 and "curve" not in one.members[0]
+    for k, v in res.state.items():
+        np.testing.assert_array_equal(one.state[k], v)
+    wide = embed_with_state(res.state, [HELP], hidden_layer=3, encoder=SentenceEncoder())[0]
+    assert wide.shape == (4, 768)
+    np.testing.assert_allclose(wide[:, :384], res.features[0][:4], atol=1e-5)
