@@ -633,6 +633,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                     "evals_per_epoch": cfg.router.finetune_evals_per_epoch,
                     "average_from": cfg.router.finetune_average_from,
                     "seed_repeats": cfg.router.finetune_seed_repeats if use_seeds else 0,
+                    "members": cfg.router.finetune_members,
                     "router_seed_weight": cfg.router.seed_weight_for(True)}
     else:
         weights_path.unlink(missing_ok=True)  # a previous fine-tuned router's weights

@@ -70,7 +70,7 @@ class FinetuneResult:
                "averaged_steps": self.averaged_steps, "seconds": round(self.seconds, 1),
                "curve": self.curve}
         if self.members:
-            out["members"] = self.members
+            out["soup"] = self.members
         return out
 
 

@@ -62,6 +62,8 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     assert len(pt["distance_ab"]) == 2 and pt["distance_mean_sd"][1] > 0
     ft = report["encoder_finetune"]
     assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 1
+    assert ft["members"] == cfg.router.finetune_members
+    assert ("soup" in ft) == (cfg.router.finetune_members > 1)
     assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]
     # the default: the average of the states at the evaluation points of the second half
     assert ft["average_from"] == 0.5 and ft["averaged_steps"][-1] == ft["steps"]

@@ -259,7 +259,7 @@ def test_a_soup_is_the_average_of_its_members_fine_tuned_in_parallel_ray_tasks(r
     for k, v in want.items():
         np.testing.assert_allclose(res.state[k], v, rtol=1e-5, atol=1e-6)
     assert [m["seed"] for m in res.members] == [0, 1]
-    assert res.summary()["members"][1]["steps"] == alone[1].steps == res.steps
+    assert res.summary()["soup"][1]["steps"] == alone[1].steps == res.steps
     # every block is the soup's features, in order
     soup_feats = embed_with_state(want, [TEXTS, HELP[:2]], encoder=SentenceEncoder())
     assert [f.shape for f in res.features] == [(12, 384), (12, 384), (2, 384)]
@@ -268,7 +268,7 @@ def test_a_soup_is_the_average_of_its_members_fine_tuned_in_parallel_ray_tasks(r
     # one member (the default) is the plain fine-tune, without a members list
     one = run_finetune(load_config(None, small), blocks, Y, Y, [], np.zeros(0, np.int64),
                        use_seeds=False)
-    assert one.members == [] and "members" not in one.summary()
+    assert one.members == [] and "soup" not in one.summary()
     np.testing.assert_allclose(one.state[q], alone[0].state[q], rtol=1e-5, atol=1e-6)
 
 
