@@ -107,7 +107,8 @@ def embed_with_state(state: Mapping[str, np.ndarray], blocks: Sequence[Sequence[
     try:
         enc = encoder if encoder is not None else SentenceEncoder(device=device)
         dev = next(enc.model.parameters()).device
-        enc.model.load_state_dict({k: torch.from_numpy(np.asarray(v)).to(dev)
+        # np.array copies: a Ray argument's arrays are read-only, which torch warns about
+        enc.model.load_state_dict({k: torch.from_numpy(np.array(v)).to(dev)
                                    for k, v in state.items()}, strict=True)
         enc.model.eval()
         return [router_features(enc, list(b), hidden_layer) for b in blocks]
