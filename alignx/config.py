@@ -223,8 +223,8 @@ class RouterCfg(_Section):
         1, ge=1, description="Encoders fine-tuned, each on the same data with fine-tune seed "
         "seed, seed + 1, ... (shuffling, head initialisation, dropout), as parallel Ray tasks; "
         "the router's encoder is the uniform average of their weights (a 'soup'; one encoder "
-        "to serve whatever the count). 1 = one fine-tune. "
-        "docs/experiments/seed_soup_protocol.md measures 3.")
+        "to serve whatever the count). 1 = one fine-tune. 3 was measured and not adopted: no "
+        "more accurate on new writers, worse calibrated (docs/experiments/seed_soup_protocol.md).")
     finetune_cpus: float = Field(2.0, gt=0, description="CPUs of the fine-tuning Ray task.")
     finetune_gpus: float = Field(0.0, ge=0, description="GPUs of the fine-tuning Ray task.")
     latent_dim: int = Field(256, ge=2, description="k of the latent projection P.")
