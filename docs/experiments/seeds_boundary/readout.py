@@ -2,6 +2,7 @@
 
     python docs/experiments/seeds_boundary/readout.py ROUTER_RUN_DIR...            # decision data
     python docs/experiments/seeds_boundary/readout.py --set-7 ROUTER_RUN_DIR...    # + the measurement
+    python docs/experiments/seeds_boundary/readout.py --decision 5,6,7,8,9 [--measure 10] RUN...
 
 Test split and intent validation come from each router's own report. The decision sets (5 and
 6), pooled, and (with --set-7) the seventh set are embedded here with the router's saved encoder
@@ -10,7 +11,6 @@ per-set figures recomputed here are checked against the report's (they must agre
 :func:`readout` is shared with ``seeds_boundary_2/readout.py``.
 """
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,17 @@ def readout(runs: list[str], decision: tuple[str, ...], measure: tuple[str, ...]
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    readout([a for a in args if a != "--set-7"], ("intent_set_5.jsonl", "intent_set_6.jsonl"),
-            ("intent_set_7.jsonl",) if "--set-7" in args else ())
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="router run directories")
+    ap.add_argument("--set-7", action="store_true", help="this protocol's measurement")
+    ap.add_argument("--decision", default="5,6", help="decision sets, pooled (default 5,6; "
+                    "seeds_pairs_protocol.md: 5,6,7,8,9)")
+    ap.add_argument("--measure", default="", help="measurement sets (seeds_pairs: 10)")
+    a = ap.parse_args()
+    sets = [int(k) for k in a.decision.split(",")]
+    measure = [int(k) for k in a.measure.split(",") if k] + ([7] if a.set_7 else [])
+    readout(a.runs, tuple(f"intent_set_{k}.jsonl" for k in sets),
+            tuple(f"intent_set_{k}.jsonl" for k in measure),
+            "sets_" + "_".join(map(str, sets)))
