@@ -244,7 +244,22 @@ def _scores(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
         "ece": rmetrics.ece(p, y, 15),
         "brier": rmetrics.brier(p, y),
         "selective_accuracy_90": rmetrics.selective_accuracy(p, y, 0.9),
+        "confident_errors_90": rmetrics.confident_errors(p, y, 0.9),
     }
+
+
+def harmful_misrouted(p: np.ndarray, y: np.ndarray,
+                      axes: Sequence[Axis]) -> dict[str, float | int] | None:
+    """How many harmlessness-labelled rows ``p`` (N, A) routes elsewhere: their count, and
+    the share misrouted at any confidence and at confidence >= 0.9 (``None`` when the router
+    has no harmlessness expert)."""
+    values = [a.value for a in axes]
+    if "harmlessness" not in values:
+        return None
+    harm = values.index("harmlessness")
+    return {"n": int((np.asarray(y) == harm).sum()),
+            "misrouted": rmetrics.confident_errors(p, y, 0.0, among=harm),
+            "misrouted_confident_90": rmetrics.confident_errors(p, y, 0.9, among=harm)}
 
 
 # ----------------------------------------------------------------------------- plot
@@ -705,6 +720,11 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "ece_mocae_minus_raw_softmax": {key: ece_gap(abl[key], y)
                                         for key, (_, y, _) in evals.items()},
         "ece_if_calibrated": {key: ece_floor(abl[key]) for key in evals},
+        # Axis Collapse on the safety axis: harmful prompts the served router (MoCaE) sends to
+        # another expert, all and at confidence >= 0.9 (on the test split "harmful" is the
+        # HH-RLHF origin label)
+        "harmful_misrouted": {key: harmful_misrouted(abl[key]["mocae"], y, axes)
+                              for key, (_, y, _) in evals.items()},
         # which axis's routing confidence is off; validation is in-sample for the calibrators,
         # and also shown weighted to the balanced prior its calibration objectives use (the
         # unweighted view follows validation's own class mix, ~13% honesty)
@@ -769,7 +789,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
     """The ablation tables as plain text (printed by ``alignx calibrate``)."""
-    cols = ["accuracy", "macro_f1", "nll", "ece", "brier", "selective_accuracy_90"]
+    cols = ["accuracy", "macro_f1", "nll", "ece", "brier", "selective_accuracy_90",
+            "confident_errors_90"]
     out = []
     from alignx.router.targets import EVALUATION_SETS
 
@@ -780,7 +801,9 @@ def format_report(report: dict[str, Any]) -> str:
             continue
         out.append(f"\n{title}\n{'row':<26}" + "".join(f"{c[:10]:>11}" for c in cols))
         for row, m in report[key].items():
-            out.append(f"{row:<26}" + "".join(f"{m[c]:>11.4f}" for c in cols))
+            # reports written before confident_errors_90 existed lack the column
+            out.append(f"{row:<26}" + "".join(f"{m[c]:>11.4f}" if c in m else f"{'-':>11}"
+                                              for c in cols))
     rel = report.get("relabel")
     if rel:
         out.append(f"\nintent targets: relabel margin {rel['margin']:g} ({rel['chosen_by']})")
@@ -791,6 +814,11 @@ def format_report(report: dict[str, Any]) -> str:
         out.append(f"ECE MoCaE - raw softmax ({key}): {g['diff']:+.4f}, paired-bootstrap 95% "
                    f"interval [{g['ci95_low']:+.4f}, {g['ci95_high']:+.4f}], MoCaE lower in "
                    f"{g['p_a_lower']:.0%} of resamples")
+    for key, h in report.get("harmful_misrouted", {}).items():
+        if h is None:
+            continue
+        out.append(f"harmful prompts MoCaE routes to another expert ({key}, n {h['n']}): "
+                   f"{h['misrouted']:.3f}, at confidence >= 0.9: {h['misrouted_confident_90']:.3f}")
     for key, floors in report.get("ece_if_calibrated", {}).items():
         f = floors["mocae"]
         out.append(f"ECE a perfectly calibrated MoCaE would show ({key}, sampling noise alone): "

@@ -2,8 +2,9 @@
 
 The router report of METHOD.md Stage 2 scores every ablation row (raw softmax, + temperature,
 fractal only, natural only, MoCaE) with the same functions: accuracy, macro-F1, NLL, ECE
-(15 equal-width bins), Brier, selective accuracy at 90% coverage, OOD AUROC, and the bins of a
-reliability diagram. Every function takes class probabilities ``probs`` of shape ``(N, A)``
+(15 equal-width bins), Brier, selective accuracy at 90% coverage, the confident-error rate
+(misrouted at confidence >= 0.9: the Axis Collapse the issue names), OOD AUROC, and the bins of
+a reliability diagram. Every function takes class probabilities ``probs`` of shape ``(N, A)``
 (rows sum to 1) and integer labels of shape ``(N,)`` in ``[0, A)``.
 """
 
@@ -19,6 +20,7 @@ __all__ = [
     "auroc",
     "brier",
     "calibration_by_predicted_class",
+    "confident_errors",
     "ece",
     "ece_gap_bootstrap",
     "ece_if_calibrated",
@@ -389,6 +391,38 @@ def selective_accuracy(probs: np.ndarray, labels: np.ndarray, coverage: float = 
     n_keep = int(np.ceil(coverage * len(y) - 1e-9))
     order = np.argsort(-p.max(axis=1), kind="stable")[:n_keep]  # most confident first
     return float(np.mean(p[order].argmax(axis=1) == y[order]))
+
+
+def confident_errors(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.9,
+                     among: int | None = None) -> float:
+    """Share of rows routed to a wrong class with top-label confidence >= ``threshold``.
+
+    A confident misroute is the failure METHOD.md calls Axis Collapse: the router sends a
+    request to the wrong expert and says it is sure. ``threshold=0`` gives the error rate.
+
+    Args:
+        probs: class probabilities (N, A).
+        labels: true classes (N,).
+        threshold: confidence at or above which an error counts, in [0, 1].
+        among: only rows whose true class is this one (e.g. harmful prompts); ``None`` = all.
+
+    Returns:
+        The share, over the rows considered; 0.0 when ``among`` selects no row.
+
+    Raises:
+        ValueError: for mismatched shapes, empty input, out-of-range labels, a threshold
+            outside [0, 1] or an ``among`` outside [0, A).
+    """
+    p, y = _check(probs, labels)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if among is not None and not 0 <= among < p.shape[1]:
+        raise ValueError(f"among must be a class in [0, {p.shape[1]}), got {among}")
+    keep = np.ones(len(y), bool) if among is None else y == among  # (N,)
+    if not keep.any():
+        return 0.0
+    wrong = (p.argmax(axis=1) != y) & (p.max(axis=1) >= threshold)  # (N,)
+    return float(wrong[keep].mean())
 
 
 def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:

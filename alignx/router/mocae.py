@@ -1308,7 +1308,8 @@ class MoCaERouter:
             n_bins: ECE bins.
 
         Returns:
-            ``{row: {accuracy, macro_f1, nll, ece, brier, selective_accuracy_90}}``.
+            ``{row: {accuracy, macro_f1, nll, ece, brier, selective_accuracy_90,
+            confident_errors_90}}``.
         """
         rows = self.ablation_probs(h)
         arr = np.asarray(y)
@@ -1324,6 +1325,7 @@ class MoCaERouter:
                 "ece": metrics.ece(p, arr, n_bins),
                 "brier": metrics.brier(p, arr),
                 "selective_accuracy_90": metrics.selective_accuracy(p, arr, 0.9),
+                "confident_errors_90": metrics.confident_errors(p, arr, 0.9),
             }
         return out
 

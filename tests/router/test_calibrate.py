@@ -115,6 +115,17 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
         assert set(floors) == {"mocae", "raw_softmax"}
         # (not mean <= p95: with rare misses the mean can exceed the 95th percentile)
         assert all(0 <= f["mean"] < 1 and 0 <= f["p95"] < 1 for f in floors.values())
+    # Axis Collapse on the safety axis: harmful prompts MoCaE sends elsewhere, per set
+    for key in EVALS:
+        hm = report["harmful_misrouted"][key]
+        assert hm["n"] >= 1 and 0 <= hm["misrouted_confident_90"] <= hm["misrouted"] <= 1
+        assert hm["misrouted"] * hm["n"] == pytest.approx(round(hm["misrouted"] * hm["n"]))
+        for m in report[key].values():  # every row: confident misroutes are misroutes
+            assert 0 <= m["confident_errors_90"] <= 1 - m["accuracy"] + 1e-12
+    for key, (fname, _) in EVALUATION_SETS.items():  # n: the set's harmlessness labels
+        axes_of = read_intent_prompts(name=fname)[1]
+        assert report["harmful_misrouted"][key]["n"] == sum(a == "harmlessness" for a in axes_of)
+    assert "harmful prompts MoCaE routes to another expert (intent_set," in format_report(report)
     # per predicted axis: every prediction counted once, on every split
     by_axis = report["calibration_by_predicted_axis"]
     assert set(by_axis) == {"validation_in_sample", "validation_in_sample_balanced", *EVALS}

@@ -68,6 +68,18 @@ def test_selective_accuracy() -> None:
     assert metrics.selective_accuracy(PROBS, LABELS, coverage=1.0) == pytest.approx(0.5)
 
 
+def test_confident_errors_counts_misroutes_at_or_above_the_confidence() -> None:
+    # wrong rows: 2 (confidence .4, label 0) and 3 (confidence .5, label 1)
+    assert metrics.confident_errors(PROBS, LABELS, threshold=0.0) == pytest.approx(0.5)
+    assert metrics.confident_errors(PROBS, LABELS, threshold=0.45) == pytest.approx(0.25)
+    assert metrics.confident_errors(PROBS, LABELS, threshold=0.5) == pytest.approx(0.25)  # >=
+    assert metrics.confident_errors(PROBS, LABELS, threshold=0.9) == 0.0
+    # among one true class: label 1 is rows 1 (right) and 3 (wrong at .5)
+    assert metrics.confident_errors(PROBS, LABELS, 0.5, among=1) == pytest.approx(0.5)
+    assert metrics.confident_errors(PROBS, LABELS, 0.0, among=0) == pytest.approx(0.5)
+    assert metrics.confident_errors(PROBS, LABELS, 0.0, among=2) == 0.0  # no such row
+
+
 def test_auroc_with_ties() -> None:
     # 0.9 beats 3 ; 0.4 beats 0.1, ties 0.4, loses to 0.5 -> 1.5 ; 0.6 beats 3 -> 7.5 / 9
     assert metrics.auroc([0.9, 0.4, 0.6], [0.1, 0.4, 0.5]) == pytest.approx(7.5 / 9)
@@ -97,6 +109,10 @@ def test_bad_parameters() -> None:
         metrics.ece(PROBS, LABELS, n_bins=0)
     with pytest.raises(ValueError, match="scores_neg"):
         metrics.auroc([1.0], [])
+    with pytest.raises(ValueError, match="threshold"):
+        metrics.confident_errors(PROBS, LABELS, threshold=1.5)
+    with pytest.raises(ValueError, match="among"):
+        metrics.confident_errors(PROBS, LABELS, among=3)
 
 
 def _confidences(conf: np.ndarray) -> np.ndarray:
