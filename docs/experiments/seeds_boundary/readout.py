@@ -8,7 +8,8 @@ Test split and intent validation come from each router's own report. The decisio
 6), pooled, and (with --set-7) the seventh set are embedded here with the router's saved encoder
 through its served feature function, so W routers and X routers are scored the same way. The
 per-set figures recomputed here are checked against the report's (they must agree).
-:func:`readout` is shared with ``seeds_boundary_2/readout.py``.
+:func:`readout` is shared with ``seeds_boundary_2/readout.py``, :func:`served_features`
+with ``seeds_pairs/confident_misses.py``.
 """
 import json
 from pathlib import Path
@@ -20,23 +21,29 @@ from alignx.router.serving import load
 from alignx.router.targets import read_intent_prompts
 
 
+def served_features(run: str):
+    """The router saved in ``run`` and a function texts -> its served features h (N, d),
+    embedded with the router's own saved encoder (built once)."""
+    cr = load(run)
+    model_cfg = load_config(Path(run) / "router" / "config.yaml").model
+    embed = cr.features(cr.build_encoder(model_cfg))
+    return cr, lambda texts: cr.split(embed(texts))[0]
+
+
 def readout(runs: list[str], decision: tuple[str, ...], measure: tuple[str, ...] = (),
             pooled_key: str = "sets_5_6") -> None:
     """Print one JSON line per run: test, intent validation, every set of ``decision`` and
     ``measure`` (keys without ``.jsonl``) and the decision sets pooled (``pooled_key``)."""
     sets = [*decision, *measure]
     for run in runs:
-        cr = load(run)
+        cr, features = served_features(run)
         report = json.loads((Path(run) / "router" / "router_report.json").read_text())
-        model_cfg = load_config(Path(run) / "router" / "config.yaml").model
-        embed = cr.features(cr.build_encoder(model_cfg))
         out = {"run": run, "test": report["test_origin_labels"]["mocae"],
                "intent_validation": report["intent_validation"]["mocae"]}
         data = {}
         for name in sets:
             texts, axes = read_intent_prompts(name=name)
-            h, _ = cr.split(embed(texts))
-            data[name] = (h, np.array([cr.axes.index(a) for a in axes]))
+            data[name] = (features(texts), np.array([cr.axes.index(a) for a in axes]))
             out[name.removesuffix(".jsonl")] = cr.router.evaluate(*data[name])["mocae"]
         for name in sets:
             key = name.removesuffix(".jsonl")

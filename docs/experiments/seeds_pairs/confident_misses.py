@@ -8,14 +8,18 @@ Per run, on the named sets pooled: errors at MoCaE confidence >= 0.9, harmful pr
 elsewhere (all, and at confidence >= 0.9), and benign prompts routed to harmlessness.
 """
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 
-from alignx.config import load_config
-from alignx.router.serving import load
 from alignx.router.targets import read_intent_prompts
+
+spec = importlib.util.spec_from_file_location(
+    "boundary_readout", Path(__file__).resolve().parent.parent / "seeds_boundary" / "readout.py")
+boundary = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(boundary)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,10 +33,8 @@ if __name__ == "__main__":
         texts += t
         labels += y
     for run in a.runs:
-        cr = load(run)
-        model_cfg = load_config(Path(run) / "router" / "config.yaml").model
-        h, _ = cr.split(cr.features(cr.build_encoder(model_cfg))(texts))
-        p = cr.router.ablation_probs(h)["mocae"]  # (N, A), the served weights
+        cr, features = boundary.served_features(run)
+        p = cr.router.ablation_probs(features(texts))["mocae"]  # (N, A), the served weights
         axes = [ax.value for ax in cr.router.axes]
         y = np.array([axes.index(v) for v in labels])
         pred, conf = p.argmax(1), p.max(1)
