@@ -174,8 +174,8 @@ class RouterCfg(_Section):
         "docs/experiments/shift_calibration_protocol.md) or paths to JSON Lines files of "
         "{prompt, axis}. The evaluation sets (intent_set.jsonl, intent_set_5.jsonl, "
         "intent_set_6.jsonl, intent_set_7.jsonl, intent_set_8.jsonl, intent_set_9.jsonl, "
-        "intent_set_10.jsonl, intent_validation.jsonl) are refused: a router is never trained "
-        "on them.",
+        "intent_set_10.jsonl, intent_set_11.jsonl, intent_validation.jsonl) are refused: a "
+        "router is never trained on them.",
     )
     calibration_sets: tuple[str, ...] = Field(
         ("intent_set_3.jsonl",), description="Hand-labelled prompt files (names as for "

@@ -4,7 +4,7 @@ keep the per-set ``build.py`` / ``finalize.py`` their protocols cite). Run from 
 root with ALIGNX_DATA_DIR set (the near-duplicate check reads seed 0's router prompts).
 
     python docs/experiments/frozen_set.py build 11              # -> {merged,blind_0,blind_1}.jsonl
-    python docs/experiments/frozen_set.py finalize 11 OUT.jsonl # after the blind labels
+    python docs/experiments/frozen_set.py finalize 11 alignx/router/intent_set_11.jsonl  # after labelling
 
 ``build``: a prompt is dropped when it is an exact or near duplicate (cosine >= 0.9 on frozen
 all-MiniLM-L6-v2) of any seed (the unadopted seed rounds included), of every earlier intent set,
@@ -31,8 +31,7 @@ SEED_FILES = ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_seeds_3.json
 
 def reference(n: int) -> tuple[str, ...]:
     """The files set ``n`` must not repeat: the seed files and every earlier frozen set."""
-    return (*SEED_FILES, *(f"intent_set_{k}.jsonl" for k in range(2, min(n, 11))),
-            *(str(D / f"intent_set_{k}" / f"intent_set_{k}.jsonl") for k in range(11, n)))
+    return (*SEED_FILES, *(f"intent_set_{k}.jsonl" for k in range(2, n)))
 
 
 def _load(name: str, path: Path):
