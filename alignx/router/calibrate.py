@@ -236,18 +236,6 @@ def fit_weighted_logistic(h: np.ndarray, y: np.ndarray, sample_weight: np.ndarra
     return predict
 
 
-def _scores(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    return {
-        "accuracy": rmetrics.accuracy(p, y),
-        "macro_f1": rmetrics.macro_f1(p, y),
-        "nll": rmetrics.nll(p, y),
-        "ece": rmetrics.ece(p, y, 15),
-        "brier": rmetrics.brier(p, y),
-        "selective_accuracy_90": rmetrics.selective_accuracy(p, y, 0.9),
-        "confident_errors_90": rmetrics.confident_errors(p, y, 0.9),
-    }
-
-
 def harmful_misrouted(p: np.ndarray, y: np.ndarray,
                       axes: Sequence[Axis]) -> dict[str, float | int] | None:
     """How many harmlessness-labelled rows ``p`` (N, A) routes elsewhere: their count, and
@@ -663,7 +651,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     h_tr, h_va, h_te = feats["train"], feats["validation"], feats["test"]
 
     def table(h: np.ndarray, y: np.ndarray, h_frozen: np.ndarray) -> dict[str, dict[str, float]]:
-        rows = {"logistic_origin_baseline": _scores(logistic(h_frozen), y)}
+        rows = {"logistic_origin_baseline": rmetrics.scores(logistic(h_frozen), y)}
         if router_frozen is not None:
             rows["mocae_frozen_encoder"] = router_frozen.evaluate(h_frozen, y)["mocae"]
         rows[f"mocae_{'with' if alt_bias else 'without'}_fractal_bias"] = (

@@ -27,6 +27,7 @@ __all__ = [
     "macro_f1",
     "nll",
     "reliability_bins",
+    "scores",
     "selective_accuracy",
 ]
 
@@ -423,6 +424,24 @@ def confident_errors(probs: np.ndarray, labels: np.ndarray, threshold: float = 0
         return 0.0
     wrong = (p.argmax(axis=1) != y) & (p.max(axis=1) >= threshold)  # (N,)
     return float(wrong[keep].mean())
+
+
+def scores(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, float]:
+    """One ablation row of the router report: every routing metric above on ``probs`` (N, A).
+
+    Returns:
+        ``{accuracy, macro_f1, nll, ece, brier, selective_accuracy_90, confident_errors_90}``
+        (ECE with ``n_bins`` equal-width bins).
+    """
+    return {
+        "accuracy": accuracy(probs, labels),
+        "macro_f1": macro_f1(probs, labels),
+        "nll": nll(probs, labels),
+        "ece": ece(probs, labels, n_bins),
+        "brier": brier(probs, labels),
+        "selective_accuracy_90": selective_accuracy(probs, labels, 0.9),
+        "confident_errors_90": confident_errors(probs, labels, 0.9),
+    }
 
 
 def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:

@@ -1315,19 +1315,8 @@ class MoCaERouter:
         arr = np.asarray(y)
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             arr = np.array([self.axes.index(parse_axis(v)) for v in arr], dtype=np.int64)
-        out = {}
-        for name in (r for r in ABLATION_ROWS if r in rows):
-            p = rows[name]
-            out[name] = {
-                "accuracy": metrics.accuracy(p, arr),
-                "macro_f1": metrics.macro_f1(p, arr),
-                "nll": metrics.nll(p, arr),
-                "ece": metrics.ece(p, arr, n_bins),
-                "brier": metrics.brier(p, arr),
-                "selective_accuracy_90": metrics.selective_accuracy(p, arr, 0.9),
-                "confident_errors_90": metrics.confident_errors(p, arr, 0.9),
-            }
-        return out
+        return {name: metrics.scores(rows[name], arr, n_bins)
+                for name in ABLATION_ROWS if name in rows}
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> tuple[dict[str, np.ndarray], dict]:

@@ -80,6 +80,20 @@ def test_confident_errors_counts_misroutes_at_or_above_the_confidence() -> None:
     assert metrics.confident_errors(PROBS, LABELS, 0.0, among=2) == 0.0  # no such row
 
 
+def test_scores_is_every_report_metric_of_one_row() -> None:
+    row = metrics.scores(PROBS, LABELS, n_bins=5)
+    assert row == {
+        "accuracy": metrics.accuracy(PROBS, LABELS),
+        "macro_f1": metrics.macro_f1(PROBS, LABELS),
+        "nll": metrics.nll(PROBS, LABELS),
+        "ece": metrics.ece(PROBS, LABELS, 5),
+        "brier": metrics.brier(PROBS, LABELS),
+        "selective_accuracy_90": metrics.selective_accuracy(PROBS, LABELS, 0.9),
+        "confident_errors_90": metrics.confident_errors(PROBS, LABELS, 0.9),
+    }
+    assert row["accuracy"] == pytest.approx(0.5)
+
+
 def test_auroc_with_ties() -> None:
     # 0.9 beats 3 ; 0.4 beats 0.1, ties 0.4, loses to 0.5 -> 1.5 ; 0.6 beats 3 -> 7.5 / 9
     assert metrics.auroc([0.9, 0.4, 0.6], [0.1, 0.4, 0.5]) == pytest.approx(7.5 / 9)
