@@ -186,6 +186,14 @@ class RouterCfg(_Section):
         "trust it on new writers (docs/experiments/shift_calibration_protocol.md; [] = "
         "validation split only). Evaluation sets and files already in seed_sets are refused.",
     )
+    evaluation_sets: tuple[str, ...] | None = Field(
+        None, description="The shipped hand-labelled evaluation sets the calibration job embeds "
+        "and reports (file names: intent_validation.jsonl, intent_set.jsonl, intent_set_5.jsonl "
+        "... intent_set_11.jsonl); unset = every one; [] = the test split only. The router is "
+        "the same whatever the list (these sets are never trained or calibrated on); each set "
+        "costs an embedding pass, two with a fine-tuned encoder. The OOD AUROC's "
+        "in-distribution reference is the test split plus intent_set.jsonl when it is listed.",
+    )
     seed_weight: float | None = Field(
         None, ge=0, description="Weight of the hand-written intent seeds in the router's training "
         f"loss (intent targets only); unset = {SEED_WEIGHT_FROZEN:g} with a frozen encoder (seed "
@@ -305,6 +313,28 @@ class RouterCfg(_Section):
         if len(set(v)) != len(v):
             raise ValueError(f"a file is named twice: {list(v)}")
         return v
+
+    @field_validator("evaluation_sets")
+    @classmethod
+    def _evaluation_sets(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        from alignx.router.targets import EVALUATION_SETS
+
+        if v is None:
+            return v
+        known = [fname for fname, _ in EVALUATION_SETS.values()]
+        unknown = [name for name in v if name not in known]
+        if unknown:
+            what = (f"{unknown[0]!r} is not a shipped evaluation set" if len(unknown) == 1
+                    else f"{unknown} are not shipped evaluation sets")
+            raise ValueError(f"{what}; choose among {', '.join(known)} (or leave it unset for "
+                             "all of them)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a set is named twice: {list(v)}")
+        return v
+
+    def reports(self, fname: str) -> bool:
+        """Whether the calibration job reports the shipped evaluation set ``fname``."""
+        return self.evaluation_sets is None or fname in self.evaluation_sets
 
     @model_validator(mode="after")
     def _check(self) -> RouterCfg:
@@ -494,6 +524,8 @@ class AlignXConfig(_Section):
         hash is not redone by the pipeline)."""
         d = self.model_dump(mode="json")
         d["train"].pop("multitask", None)  # whether the baseline is trained changes no expert
+        if d["router"].get("evaluation_sets", ()) is None:  # the default (every set) keeps the
+            d["router"].pop("evaluation_sets")  # hash routers had before the key existed
         keep = {k: d.get(k) for k in _STAGE_SECTIONS[stage]}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -169,3 +169,39 @@ def test_a_run_config_older_than_a_key_says_which_default_filled_it(tmp_path, ca
     assert "before this key existed; today's default fills it in (router.pool_temperature" in (
         caplog.text)
     assert "mine.yaml" not in caplog.text
+
+
+def test_router_evaluation_sets_are_checked_at_the_edge():
+    from alignx.router.targets import EVALUATION_SETS
+
+    d = load_config(None)
+    assert d.router.evaluation_sets is None  # unset: every shipped set is reported
+    assert all(d.router.reports(fname) for fname, _ in EVALUATION_SETS.values())
+    one = load_config(None, ["router.evaluation_sets=[intent_set_11.jsonl]"])
+    assert one.router.reports("intent_set_11.jsonl") and not one.router.reports("intent_set.jsonl")
+    assert not load_config(None, ["router.evaluation_sets=[]"]).router.reports("intent_set.jsonl")
+    # a report-only choice, but the report is part of the stage's output: a new list redoes
+    # it; the default keeps the hash a router had before the key existed
+    assert one.stage_hash("calibrate") != d.stage_hash("calibrate")
+    assert d.stage_hash("calibrate") == _hash_without_evaluation_sets(d)
+    with pytest.raises(AlignXConfigError, match="router.evaluation_sets.*'intent_seeds.jsonl' "
+                       "is not a shipped evaluation set; choose among intent_validation.jsonl"):
+        load_config(None, ["router.evaluation_sets=[intent_seeds.jsonl]"])
+    with pytest.raises(AlignXConfigError, match=r"\['a.jsonl', 'b.jsonl'\] are not shipped"):
+        load_config(None, ["router.evaluation_sets=[a.jsonl,intent_set.jsonl,b.jsonl]"])
+    with pytest.raises(AlignXConfigError, match="router.evaluation_sets.*named twice"):
+        load_config(None, ["router.evaluation_sets=[intent_set.jsonl,intent_set.jsonl]"])
+
+
+def _hash_without_evaluation_sets(cfg):
+    """``stage_hash('calibrate')`` as it was before ``router.evaluation_sets`` existed."""
+    import hashlib
+    import json
+
+    from alignx.config import _STAGE_SECTIONS
+
+    d = cfg.model_dump(mode="json")
+    d["train"].pop("multitask", None)
+    d["router"].pop("evaluation_sets")
+    keep = {k: d.get(k) for k in _STAGE_SECTIONS["calibrate"]}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

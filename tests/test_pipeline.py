@@ -113,6 +113,11 @@ def _kill_session(proc) -> None:
     proc.wait()
 
 
+#: one evaluation set, not all ten: the router is the same, and each set costs this test two
+#: embedding passes (tests/router/test_calibrate.py checks the full report on tiny_run)
+_FEWER_SETS = ["router.evaluation_sets=[intent_set.jsonl]"]
+
+
 def _pipeline(run_dir: Path, storage: str, address: str, repo_root: Path, fixtures_dir: Path):
     import os
     import subprocess
@@ -120,7 +125,7 @@ def _pipeline(run_dir: Path, storage: str, address: str, repo_root: Path, fixtur
 
     cmd = [sys.executable, "-m", "alignx.cli", "pipeline", "--no-evaluate",
            "-c", str(repo_root / "jobs" / "configs" / "tiny.yaml"), "-r", str(run_dir),
-           f"data.data_dir={fixtures_dir}", f"storage={storage}"]
+           f"data.data_dir={fixtures_dir}", f"storage={storage}", *_FEWER_SETS]
     env = os.environ | {"RAY_ADDRESS": address, "PYTHONPATH": str(repo_root)}
     log = run_dir.parent / "pipeline.log"
     with open(log, "wb") as out:
@@ -186,7 +191,7 @@ def test_interrupted_pipeline_continues_on_another_node_from_shared_storage(
     assert now == published
     # node B holds byte-identical copies, and the run is complete, locally and on S3
     cfg = load_config(repo_root / "jobs" / "configs" / "tiny.yaml",
-                      [f"data.data_dir={fixtures_dir}"], run_dir=str(node_b))
+                      [f"data.data_dir={fixtures_dir}", *_FEWER_SETS], run_dir=str(node_b))
     la, lb = ArtifactLayout(node_a), ArtifactLayout(node_b)
     for n in names:
         files = sorted(p.name for p in la.adapter_dir(n).iterdir())

@@ -468,7 +468,8 @@ def ood_report(cfg: AlignXConfig, router: MoCaERouter, detector: HiddenStateOOD 
     """Both OOD flags (the hidden-state detector's, if fitted, and the fractal radius test's)
     on the OOD sets (blocks ``ood``, ``ood_2``) and the in-distribution blocks.
 
-    AUROC is against the test split + the first intent set (as reported since the start); the
+    AUROC is against the test split + the first intent set (as reported since the start; the
+    test split alone when ``router.evaluation_sets`` leaves that set out); the
     top-level ``auroc`` / ``flagged_*`` are the serving flag's, on the held-out ``ood_set_2``.
     """
     block = {"ood_set": "ood", "ood_set_2": "ood_2"}
@@ -485,7 +486,9 @@ def ood_report(cfg: AlignXConfig, router: MoCaERouter, detector: HiddenStateOOD 
     flags: dict[str, Any] = {}
     for kind, fn in scorers.items():
         ind = {name: fn(name) for name in in_distribution}
-        ref = np.concatenate([ind["test"][0], ind["set:intent_set"][0]])
+        # the reference: test + the first intent set (when router.evaluation_sets reports it)
+        ref_names = [n for n in ("test", "set:intent_set") if n in ind]
+        ref = np.concatenate([ind[n][0] for n in ref_names])
         rows = {}
         for key in ood_sets:
             score, flag = fn(block[key])
@@ -495,7 +498,7 @@ def ood_report(cfg: AlignXConfig, router: MoCaERouter, detector: HiddenStateOOD 
             "flagged_in_distribution": {name.removeprefix("set:"): float(f.mean())
                                         for name, (_, f) in ind.items()},
             "flagged_test_and_intent_set": float(np.concatenate(
-                [ind["test"][1], ind["set:intent_set"][1]]).mean()),
+                [ind[n][1] for n in ref_names]).mean()),
         }
     kind = "hidden" if detector is not None else "fractal"
     active = flags[kind]
@@ -545,7 +548,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     splits = {s: gather_prompts(cfg, s) for s in ("train", "validation", "test")}
     (seed_texts, seed_y), (cal_texts, cal_y) = _labelled_files(
         tuple(cfg.router.seed_sets), tuple(cfg.router.calibration_sets), axes)
-    sets = {key: _shipped_set(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()}
+    sets = {key: _shipped_set(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()
+            if cfg.router.reports(fname)}
     ood_texts = [r["text"] for r in read_jsonl(OOD_SET)]
     ood2_texts = [r["text"] for r in read_jsonl(OOD_SET_2)]
     hidden_layer = ood_hidden_layer(cfg)
@@ -701,6 +705,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                    "ood": len(ood_texts), "ood_2": len(ood2_texts)},
         "seed_sets": list(cfg.router.seed_sets),
         "calibration_sets": list(cfg.router.calibration_sets),
+        "evaluation_sets": list(sets),
         "target_moves_train": moved,
         "relabel": relabel,
         **{key: table(h, y, h_frozen) for key, (h, y, h_frozen) in evals.items()},

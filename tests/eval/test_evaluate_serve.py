@@ -108,6 +108,9 @@ def test_four_models_are_evaluated_in_parallel(ray_local, tmp_path):
         # each costs four more training runs or processes on 2 cores. Two axes still give
         # every model a routed app of two experts.
         "train.multitask=false", "router.finetune_epochs=0", "axes=[helpfulness,harmlessness]",
+        # the full router report is checked on tiny_run; here all ten evaluation sets would be
+        # embedded four times over for nothing the test reads
+        "router.evaluation_sets=[intent_set.jsonl]",
     ], run_dir=str(tmp_path / "four"))
     comparison = evaluate_models(cfg, models)
     assert comparison["models"] == models and not comparison["failed"]

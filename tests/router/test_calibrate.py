@@ -74,6 +74,7 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
                for p in ft["curve"])
     assert report["counts"]["intent_set"] >= 150 and report["counts"]["ood"] >= 30
     assert report["counts"]["intent_validation"] >= 150
+    assert report["evaluation_sets"] == list(EVALUATION_SETS)  # unset: every shipped set
     for key in EVALUATION_SETS:
         assert set(report[key]) == rows  # every row on every hand-labelled set too
     # the seeds it was trained on and the prompts its calibrators also saw: the configured
@@ -240,13 +241,23 @@ def test_calibrate_job_submits_to_a_ray_start_cluster(tiny_run, tmp_path):
              "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(REPO)}}),
              "--", sys.executable, str(REPO / "jobs" / "calibrate_router.py"),
              "--run-dir", str(run), "router.cpus_per_actor=0.2",
-             "router.calibration_sets=[]"],  # the no-calibration-prompts path, fine-tune included
+             "router.calibration_sets=[]",  # the no-calibration-prompts path, fine-tune included
+             # one evaluation set, not all ten: each costs two embedding passes here
+             "router.evaluation_sets=[intent_validation.jsonl]"],
             env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         assert "succeeded" in r.stdout.lower()
-        assert (run / "router" / "manifest.json").is_file()
+        manifest = json.loads((run / "router" / "manifest.json").read_text())
         report = json.loads((run / "router" / "router_report.json").read_text())
         assert report["calibration_sets"] == [] and report["counts"]["calibration_prompts"] == 0
+        # only the listed set is reported; the OOD reference is then the test split alone
+        assert report["evaluation_sets"] == ["intent_validation"]
+        assert set(manifest["metrics"]) == {"test_origin_labels", "intent_validation",
+                                            "ood_auroc"}
+        assert not {"intent_set", "intent_set_5"} & set(report["counts"])
+        for flags in report["ood"]["flags"].values():
+            assert set(flags["flagged_in_distribution"]) == {"test", "intent_validation"}
+            assert flags["flagged_test_and_intent_set"] == flags["flagged_in_distribution"]["test"]
         assert time.time() - t0 < 600
     finally:
         _stop_cluster(temp)  # not `ray stop`: that would also kill this session's own Ray
