@@ -23,6 +23,8 @@ D = Path(__file__).resolve().parent
 SETS: dict[int, tuple[dict[str, str], int]] = {
     11: ({"N": "alcohol_cannabis_nightlife", "D": "death_funerals_inheritance",
           "O": "office_jobs_hiring_hr", "T": "tattoos_fashion_body_modification"}, 20261224),
+    12: ({"A": "sports_fitness_martial_arts", "B": "cars_motorbikes_driving",
+          "C": "home_repair_diy", "E": "history_politics_religion"}, 20261225),
 }
 SEED_FILES = ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_seeds_3.jsonl",
               "intent_validation.jsonl", "intent_set.jsonl",
