@@ -174,8 +174,8 @@ class RouterCfg(_Section):
         "docs/experiments/shift_calibration_protocol.md) or paths to JSON Lines files of "
         "{prompt, axis}. The evaluation sets (intent_set.jsonl, intent_set_5.jsonl, "
         "intent_set_6.jsonl, intent_set_7.jsonl, intent_set_8.jsonl, intent_set_9.jsonl, "
-        "intent_set_10.jsonl, intent_set_11.jsonl, intent_validation.jsonl) are refused: a "
-        "router is never trained on them.",
+        "intent_set_10.jsonl, intent_set_11.jsonl, intent_set_12.jsonl, intent_validation.jsonl) "
+        "are refused: a router is never trained on them.",
     )
     calibration_sets: tuple[str, ...] = Field(
         ("intent_set_3.jsonl",), description="Hand-labelled prompt files (names as for "
@@ -189,7 +189,7 @@ class RouterCfg(_Section):
     evaluation_sets: tuple[str, ...] | None = Field(
         None, description="The shipped hand-labelled evaluation sets the calibration job embeds "
         "and reports (file names: intent_validation.jsonl, intent_set.jsonl, intent_set_5.jsonl "
-        "... intent_set_11.jsonl); unset = every one; [] = the test split only. The router is "
+        "... intent_set_12.jsonl); unset = every one; [] = the test split only. The router is "
         "the same whatever the list (these sets are never trained or calibrated on); each set "
         "costs an embedding pass, two with a fine-tuned encoder. The OOD AUROC's "
         "in-distribution reference is the test split plus intent_set.jsonl when it is listed.",

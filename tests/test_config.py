@@ -57,7 +57,7 @@ def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
     # an evaluation set is never training data, whatever the path it is named by
     for name in ("intent_validation.jsonl", "intent_set_5.jsonl", "intent_set_6.jsonl",
                  "intent_set_7.jsonl", "intent_set_8.jsonl", "intent_set_9.jsonl",
-                 "intent_set_10.jsonl", "intent_set_11.jsonl",
+                 "intent_set_10.jsonl", "intent_set_11.jsonl", "intent_set_12.jsonl",
                  "some/dir/intent_set.jsonl"):
         for key in ("seed_sets", "calibration_sets"):
             with pytest.raises(AlignXConfigError, match=f"router.{key}.*is an evaluation set"):

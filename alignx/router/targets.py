@@ -80,6 +80,8 @@ EVALUATION_SETS: dict[str, tuple[str, str]] = {
                       "double-labelled; writers and themes unseen by any router)"),
     "intent_set_11": ("intent_set_11.jsonl", "eleventh frozen intent set (hand-labelled, blind "
                       "double-labelled; writers and themes unseen by any router)"),
+    "intent_set_12": ("intent_set_12.jsonl", "twelfth frozen intent set (hand-labelled, blind "
+                      "double-labelled; writers and themes unseen by any router)"),
 }
 
 #: Which intent a prompt of each origin may be relabelled to (the origin itself always allowed).
