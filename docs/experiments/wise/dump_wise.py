@@ -14,18 +14,19 @@ RUN_DIR is served and scored like any other.
         RUN_DIR OUT.pkl A_RUN B_RUN ALPHA seed=0 [config overrides]
 """
 
-import pickle
+import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
 import alignx.router.calibrate as C
-from alignx.config import load_config
-from alignx.pipeline import run_prepare
-from alignx.router import mocae
 from alignx.router.finetune import FinetuneResult, embed_with_state
-from alignx.train.trainer import ensure_ray
+
+_spec = importlib.util.spec_from_file_location(
+    "dump_calibration", Path(__file__).resolve().parent.parent / "dump_calibration.py")
+DC = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(DC)
 
 
 def load_state(run: str) -> dict[str, np.ndarray]:
@@ -56,15 +57,9 @@ def interpolate(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
 if __name__ == "__main__":
     run_dir, out, run_a, run_b, alpha = sys.argv[1:6]
     alpha_f = float(alpha)
-    cfg = load_config("jobs/configs/smollm2_cpu.yaml", sys.argv[6:], run_dir=run_dir)
-    C.check_inputs = lambda cfg: None
-    dump: dict[str, list] = {"fits": [], "evals": [], "wise": dict(a=run_a, b=run_b, alpha=alpha_f)}
-    orig_fit = mocae.MoCaERouter.fit
-
-    def fit(self, h_tr, y_tr, h_va, y_va, sample_weight=None):
-        dump["fits"].append(dict(h_tr=h_tr, y_tr=np.asarray(y_tr), h_va=h_va,
-                                 y_va=np.asarray(y_va), sw=sample_weight, config=self.config))
-        return orig_fit(self, h_tr, y_tr, h_va, y_va, sample_weight=sample_weight)
+    cfg = DC.load_run_config(run_dir, sys.argv[6:])
+    dump = DC.install_dump()
+    dump["wise"] = dict(a=run_a, b=run_b, alpha=alpha_f)
 
     def run_finetune(cfg, blocks, *args, hidden_layer=None, **kwargs):
         state = interpolate(load_state(run_a), load_state(run_b), alpha_f)
@@ -73,11 +68,5 @@ if __name__ == "__main__":
         print(f"interpolated encoder: (1 - {alpha_f}) * {run_a} + {alpha_f} * {run_b}")
         return FinetuneResult(state=state, features=feats)
 
-    mocae.MoCaERouter.fit = fit
     C.run_finetune = run_finetune
-    ensure_ray()
-    run_prepare(cfg)
-    C.calibrate_router(cfg)
-    with open(out, "wb") as f:
-        pickle.dump(dump, f)
-    print("dumped", len(dump["fits"]), "fits to", out)
+    DC.calibrate_and_dump(cfg, out, dump)
