@@ -1,7 +1,7 @@
 """Where saved routers err on the dataset-origin test split (reporting only; nothing is chosen
 on it): per origin, how many prompts MoCaE sends to each expert.
 
-    ALIGNX_DATA_DIR=../shared/data python docs/experiments/wise/test_confusion.py RUN...
+    ALIGNX_DATA_DIR=../shared/data python docs/experiments/wise/origin_confusion.py RUN...
 
 The test prompts are read as the calibration job reads them (the run's saved router config)
 and embedded through the router's served feature function.
