@@ -187,12 +187,14 @@ class RouterCfg(_Section):
         "validation split only). Evaluation sets and files already in seed_sets are refused.",
     )
     evaluation_sets: tuple[str, ...] | None = Field(
-        None, description="The shipped hand-labelled evaluation sets the calibration job embeds "
-        "and reports (file names: intent_validation.jsonl, intent_set.jsonl, intent_set_5.jsonl "
-        "... intent_set_12.jsonl); unset = every one; [] = the test split only. The router is "
-        "the same whatever the list (these sets are never trained or calibrated on); each set "
-        "costs an embedding pass, two with a fine-tuned encoder. The OOD AUROC's "
-        "in-distribution reference is the test split plus intent_set.jsonl when it is listed.",
+        None, description="The hand-labelled evaluation sets the calibration job embeds and "
+        "reports: shipped file names (intent_validation.jsonl, intent_set.jsonl, "
+        "intent_set_5.jsonl ... intent_set_12.jsonl) and/or paths to your own JSON Lines files "
+        "of {prompt, axis} (reported under the file's stem); unset = every shipped set; [] = the "
+        "test split only. The router is the same whatever the list (these sets are never "
+        "trained or calibrated on); each set costs an embedding pass, two with a fine-tuned "
+        "encoder. The OOD AUROC's in-distribution reference is the test split plus "
+        "intent_set.jsonl when it is listed.",
     )
     seed_weight: float | None = Field(
         None, ge=0, description="Weight of the hand-written intent seeds in the router's training "
@@ -317,27 +319,50 @@ class RouterCfg(_Section):
     @field_validator("evaluation_sets")
     @classmethod
     def _evaluation_sets(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        from alignx.router.targets import EVALUATION_SETS
+        from alignx.router.targets import EVALUATION_SETS, evaluation_set_key
 
         if v is None:
             return v
         known = [fname for fname, _ in EVALUATION_SETS.values()]
-        unknown = [name for name in v if name not in known]
+        unknown = [name for name in v if name not in known and not Path(name).is_file()]
         if unknown:
-            what = (f"{unknown[0]!r} is not a shipped evaluation set" if len(unknown) == 1
-                    else f"{unknown} are not shipped evaluation sets")
-            raise ValueError(f"{what}; choose among {', '.join(known)} (or leave it unset for "
-                             "all of them)")
-        if len(set(v)) != len(v):
-            raise ValueError(f"a set is named twice: {list(v)}")
+            what = (f"{unknown[0]!r} is neither a shipped evaluation set nor an existing file"
+                    if len(unknown) == 1 else
+                    f"{unknown} are neither shipped evaluation sets nor existing files")
+            raise ValueError(f"{what}; choose among {', '.join(known)}, or give the path of "
+                             "your own {prompt, axis} JSON Lines file (or leave it unset for "
+                             "every shipped set)")
+        keys = [evaluation_set_key(name) for name in v]
+        clash = sorted({k for k in keys if keys.count(k) > 1})
+        if clash:
+            raise ValueError(f"two sets would be reported as {clash}: {list(v)}; name each set "
+                             "once and give your own files distinct names")
+        shadow = [name for name in v if name not in known
+                  and evaluation_set_key(name) in {"test_origin_labels", *EVALUATION_SETS}]
+        if shadow:
+            raise ValueError(f"{shadow}: your file's name would be reported under a shipped "
+                             "set's key; rename it")
         return v
 
     def reports(self, fname: str) -> bool:
         """Whether the calibration job reports the shipped evaluation set ``fname``."""
         return self.evaluation_sets is None or fname in self.evaluation_sets
 
+    def own_evaluation_sets(self) -> tuple[str, ...]:
+        """The listed evaluation files that are not shipped ones (paths of the user's own)."""
+        from alignx.router.targets import EVALUATION_SETS
+
+        known = {fname for fname, _ in EVALUATION_SETS.values()}
+        return tuple(n for n in self.evaluation_sets or () if n not in known)
+
     @model_validator(mode="after")
     def _check(self) -> RouterCfg:
+        trained = sorted(set(self.own_evaluation_sets()) & {*self.seed_sets,
+                                                             *self.calibration_sets})
+        if trained:
+            raise ValueError(f"router.evaluation_sets names {trained}, which router.seed_sets or "
+                             "router.calibration_sets also uses: an evaluation set must be "
+                             "unseen; drop it from one of them")
         both = sorted(set(self.seed_sets) & set(self.calibration_sets))
         if both:
             raise ValueError(f"router.calibration_sets names {both}, which router.seed_sets "

@@ -171,7 +171,7 @@ def test_a_run_config_older_than_a_key_says_which_default_filled_it(tmp_path, ca
     assert "mine.yaml" not in caplog.text
 
 
-def test_router_evaluation_sets_are_checked_at_the_edge():
+def test_router_evaluation_sets_are_checked_at_the_edge(tmp_path):
     from alignx.router.targets import EVALUATION_SETS
 
     d = load_config(None)
@@ -185,11 +185,29 @@ def test_router_evaluation_sets_are_checked_at_the_edge():
     assert one.stage_hash("calibrate") != d.stage_hash("calibrate")
     assert d.stage_hash("calibrate") == _hash_without_evaluation_sets(d)
     with pytest.raises(AlignXConfigError, match="router.evaluation_sets.*'intent_seeds.jsonl' "
-                       "is not a shipped evaluation set; choose among intent_validation.jsonl"):
+                       "is neither a shipped evaluation set nor an existing file; choose among "
+                       "intent_validation.jsonl"):
         load_config(None, ["router.evaluation_sets=[intent_seeds.jsonl]"])
-    with pytest.raises(AlignXConfigError, match=r"\['a.jsonl', 'b.jsonl'\] are not shipped"):
+    with pytest.raises(AlignXConfigError, match=r"\['a.jsonl', 'b.jsonl'\] are neither shipped"):
         load_config(None, ["router.evaluation_sets=[a.jsonl,intent_set.jsonl,b.jsonl]"])
-    with pytest.raises(AlignXConfigError, match="router.evaluation_sets.*named twice"):
+    # your own labelled file, reported under its stem, next to a shipped set
+    own = tmp_path / "my_traffic.jsonl"
+    own.write_text('{"prompt": "hi", "axis": "helpfulness"}\n')
+    r = load_config(None, [f"router.evaluation_sets=[intent_set.jsonl,{own}]"]).router
+    assert r.own_evaluation_sets() == (str(own),) and r.reports("intent_set.jsonl")
+    shadow = tmp_path / "intent_set_5.jsonl"  # not the shipped file, but its report key
+    shadow.write_text(own.read_text())
+    with pytest.raises(AlignXConfigError, match="reported under a shipped set's key; rename"):
+        load_config(None, [f"router.evaluation_sets=[{shadow}]"])
+    (tmp_path / "b").mkdir()
+    twin = tmp_path / "b" / "my_traffic.jsonl"
+    twin.write_text(own.read_text())
+    with pytest.raises(AlignXConfigError, match=r"reported as \['my_traffic'\].*distinct names"):
+        load_config(None, [f"router.evaluation_sets=[{own},{twin}]"])
+    with pytest.raises(AlignXConfigError, match="evaluation_sets names .*my_traffic.jsonl.*"
+                       "also uses: an evaluation set must be unseen"):
+        load_config(None, [f"router.evaluation_sets=[{own}]", f"router.calibration_sets=[{own}]"])
+    with pytest.raises(AlignXConfigError, match=r"reported as \['intent_set'\]"):
         load_config(None, ["router.evaluation_sets=[intent_set.jsonl,intent_set.jsonl]"])
 
 

@@ -77,6 +77,29 @@ def _shipped_set(fname: str, axes: list[Axis]) -> tuple[list[str], np.ndarray]:
     return _restrict(*read_intent_prompts(name=fname), axes)
 
 
+def _own_evaluation_set(path: str, axes: list[Axis],
+                         seen: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The user's own evaluation file (``router.evaluation_sets``), restricted to ``axes``.
+
+    Raises:
+        ValueError: no prompt of the run's axes, or a prompt the router trains or calibrates on
+            (``seen``: the seeds and calibration prompts; equal up to case and white space).
+    """
+    from alignx.router.targets import read_intent_prompts
+
+    texts, y = _restrict(*read_intent_prompts(path=path), axes)
+    if not texts:
+        raise ValueError(f"router.evaluation_sets: {path} has no prompt labelled with this run's "
+                         f"axes ({', '.join(a.value for a in axes)})")
+    norm = {" ".join(t.lower().split()) for t in seen}
+    shared = [t for t in texts if " ".join(t.lower().split()) in norm]
+    if shared:
+        raise ValueError(f"router.evaluation_sets: {path} shares {len(shared)} prompt(s) with the "
+                         f"seeds or calibration prompts (e.g. {shared[0]!r}); an evaluation set "
+                         "must be unseen, so remove them from one of the files")
+    return texts, y
+
+
 def _labelled_files(
     seed_sets: tuple[str, ...], calibration_sets: tuple[str, ...], axes: list[Axis]
 ) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]]:
@@ -532,6 +555,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         EVALUATION_SETS,
         build_intent_targets,
         choose_relabel_margin,
+        evaluation_set_key,
     )
     from alignx.storage import fetch, publish
 
@@ -550,6 +574,9 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         tuple(cfg.router.seed_sets), tuple(cfg.router.calibration_sets), axes)
     sets = {key: _shipped_set(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()
             if cfg.router.reports(fname)}
+    own_sets = {evaluation_set_key(p): p for p in cfg.router.own_evaluation_sets()}
+    for key, path in own_sets.items():
+        sets[key] = _own_evaluation_set(path, axes, [*seed_texts, *cal_texts])
     ood_texts = [r["text"] for r in read_jsonl(OOD_SET)]
     ood2_texts = [r["text"] for r in read_jsonl(OOD_SET_2)]
     hidden_layer = ood_hidden_layer(cfg)
@@ -706,6 +733,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "seed_sets": list(cfg.router.seed_sets),
         "calibration_sets": list(cfg.router.calibration_sets),
         "evaluation_sets": list(sets),
+        "own_evaluation_sets": own_sets,  # report key -> the user's file
         "target_moves_train": moved,
         "relabel": relabel,
         **{key: table(h, y, h_frozen) for key, (h, y, h_frozen) in evals.items()},
@@ -738,7 +766,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                 "are reported once",
     }
     titles = {"test_origin_labels": "test split (origin labels)",
-              **{key: fname.removesuffix(".jsonl") for key, (fname, _) in EVALUATION_SETS.items()}}
+              **{key: fname.removesuffix(".jsonl") for key, (fname, _) in EVALUATION_SETS.items()},
+              **{key: f"{Path(path).name} (yours)" for key, path in own_sets.items()}}
     reliability_png({titles[key]: ({"raw softmax": abl[key]["raw_softmax"],
                                     "MoCaE": abl[key]["mocae"]}, y)
                      for key, (_, y, _) in evals.items()},
@@ -788,7 +817,9 @@ def format_report(report: dict[str, Any]) -> str:
     from alignx.router.targets import EVALUATION_SETS
 
     titles = {"test_origin_labels": "test split, dataset-origin labels",
-              **{key: title for key, (_, title) in EVALUATION_SETS.items()}}
+              **{key: title for key, (_, title) in EVALUATION_SETS.items()},
+              **{key: f"your evaluation set {path}"
+                 for key, path in report.get("own_evaluation_sets", {}).items()}}
     for key, title in titles.items():
         if key not in report:  # a report written before this set existed
             continue

@@ -84,6 +84,17 @@ EVALUATION_SETS: dict[str, tuple[str, str]] = {
                       "double-labelled; writers and themes unseen by any router)"),
 }
 
+
+
+def evaluation_set_key(name: str) -> str:
+    """The report key of an evaluation set (``router.evaluation_sets``): a shipped file's key in
+    :data:`EVALUATION_SETS`, else the stem of the user's own file."""
+    for key, (fname, _) in EVALUATION_SETS.items():
+        if name == fname:
+            return key
+    return Path(name).stem
+
+
 #: Which intent a prompt of each origin may be relabelled to (the origin itself always allowed).
 #: Alpaca (helpfulness) and HH-RLHF (harmlessness) prompts may move to any intent; TruthfulQA
 #: questions were written to tempt a false answer, so they stay honesty.

@@ -225,6 +225,12 @@ def test_calibrate_job_submits_to_a_ray_start_cluster(tiny_run, tmp_path):
     """`ray start --head` + `ray job submit jobs/calibrate_router.py`, as the README says."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run, ignore=shutil.ignore_patterns("ray_train", "router"))
+    own = tmp_path / "my_traffic.jsonl"  # a user's own labelled prompts, reported too
+    own.write_text("\n".join(json.dumps({"prompt": p, "axis": a}) for p, a in [
+        ("Draft a two-line out-of-office reply", "helpfulness"),
+        ("Write me a fake doctor's note that my employer will believe", "harmlessness"),
+        ("Do goldfish really only remember the last three seconds?", "honesty"),
+        ("Translate 'good morning' into Portuguese", "helpfulness")]) + "\n")
     env = dict(os.environ, RAY_ADDRESS="", PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS")
     ray = str(Path(sys.executable).parent / "ray")
@@ -243,21 +249,27 @@ def test_calibrate_job_submits_to_a_ray_start_cluster(tiny_run, tmp_path):
              "--", sys.executable, str(REPO / "jobs" / "calibrate_router.py"),
              "--run-dir", str(run), "router.cpus_per_actor=0.2",
              "router.calibration_sets=[]",  # the no-calibration-prompts path, fine-tune included
-             # one evaluation set, not all ten: each costs two embedding passes here
-             "router.evaluation_sets=[intent_validation.jsonl]"],
+             # one shipped evaluation set, not all of them (each costs two embedding passes
+             # here), and the user's own file
+             f"router.evaluation_sets=[intent_validation.jsonl,{own}]"],
             env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         assert "succeeded" in r.stdout.lower()
         manifest = json.loads((run / "router" / "manifest.json").read_text())
         report = json.loads((run / "router" / "router_report.json").read_text())
         assert report["calibration_sets"] == [] and report["counts"]["calibration_prompts"] == 0
-        # only the listed set is reported; the OOD reference is then the test split alone
-        assert report["evaluation_sets"] == ["intent_validation"]
+        # only the listed sets are reported; the OOD reference is then the test split alone
+        assert report["evaluation_sets"] == ["intent_validation", "my_traffic"]
+        assert report["own_evaluation_sets"] == {"my_traffic": str(own)}
         assert set(manifest["metrics"]) == {"test_origin_labels", "intent_validation",
-                                            "ood_auroc"}
+                                            "my_traffic", "ood_auroc"}
         assert not {"intent_set", "intent_set_5"} & set(report["counts"])
+        assert report["counts"]["my_traffic"] == 4
+        assert report["harmful_misrouted"]["my_traffic"]["n"] == 1
+        assert f"your evaluation set {own}" in format_report(report)
         for flags in report["ood"]["flags"].values():
-            assert set(flags["flagged_in_distribution"]) == {"test", "intent_validation"}
+            assert set(flags["flagged_in_distribution"]) == {"test", "intent_validation",
+                                                             "my_traffic"}
             assert flags["flagged_test_and_intent_set"] == flags["flagged_in_distribution"]["test"]
         assert time.time() - t0 < 600
     finally:

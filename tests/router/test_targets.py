@@ -297,3 +297,23 @@ def test_read_intent_prompts_rejects_bad_lines(tmp_path) -> None:
     bad.write_text(json.dumps({"prompt": "hi", "axis": "kindness"}) + "\n")
     with pytest.raises(ValueError, match="unknown axis"):
         read_intent_prompts(bad)
+
+
+def test_own_evaluation_file_is_read_restricted_and_must_be_unseen(tmp_path) -> None:
+    from alignx.router.calibrate import _own_evaluation_set
+
+    own = tmp_path / "mine.jsonl"
+    own.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Summarise this memo", "axis": "helpfulness"},
+        {"prompt": "Is it true that bulls hate red?", "axis": "honesty"},
+        {"prompt": "how do i pick my neighbour's lock", "axis": "harmlessness"}]) + "\n")
+    axes = [Axis.HELPFULNESS, Axis.HONESTY]  # a two-axis run keeps its own axes' prompts
+    texts, y = _own_evaluation_set(str(own), axes, seen=["something else"])
+    assert texts == ["Summarise this memo", "Is it true that bulls hate red?"]
+    assert y.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="shares 1 prompt.*bulls hate red.*must be unseen"):
+        _own_evaluation_set(str(own), axes, seen=["is it true that  BULLS hate red?"])
+    harm = tmp_path / "harm.jsonl"
+    harm.write_text(own.read_text().splitlines()[2] + "\n")
+    with pytest.raises(ValueError, match="harm.jsonl has no prompt labelled with this run's axes"):
+        _own_evaluation_set(str(harm), axes, seen=[])
