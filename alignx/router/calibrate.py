@@ -85,14 +85,14 @@ def _own_evaluation_set(path: str, axes: list[Axis],
         ValueError: no prompt of the run's axes, or a prompt the router trains or calibrates on
             (``seen``: the seeds and calibration prompts; equal up to case and white space).
     """
-    from alignx.router.targets import read_intent_prompts
+    from alignx.router.targets import prompt_key, read_intent_prompts
 
     texts, y = _restrict(*read_intent_prompts(path=path), axes)
     if not texts:
         raise ValueError(f"router.evaluation_sets: {path} has no prompt labelled with this run's "
                          f"axes ({', '.join(a.value for a in axes)})")
-    norm = {" ".join(t.lower().split()) for t in seen}
-    shared = [t for t in texts if " ".join(t.lower().split()) in norm]
+    norm = {prompt_key(t) for t in seen}
+    shared = [t for t in texts if prompt_key(t) in norm]
     if shared:
         raise ValueError(f"router.evaluation_sets: {path} shares {len(shared)} prompt(s) with the "
                          f"seeds or calibration prompts (e.g. {shared[0]!r}); an evaluation set "

@@ -43,8 +43,10 @@ __all__ = [
     "build_intent_targets",
     "read_intent_prompts",
     "read_seed_sets",
+    "prompt_key",
     "refuse_shared_prompt",
     "EVALUATION_SETS",
+    "evaluation_set_key",
     "SHIPPED_SEED_SETS",
 ]
 
@@ -197,12 +199,17 @@ def read_seed_sets(names: Sequence[str]) -> tuple[list[str], list[Axis]]:
     return prompts, axes
 
 
+def prompt_key(prompt: str) -> str:
+    """A prompt up to case and white space: what makes two hand-labelled prompts the same."""
+    return " ".join(prompt.lower().split())
+
+
 def refuse_shared_prompt(prompts: Sequence[str], names: Sequence[str]) -> None:
     """Raise ValueError if two of ``prompts`` (read from the files ``names``) are the same
     prompt up to case and white space."""
     seen: set[str] = set()
     for p in prompts:
-        key = " ".join(p.lower().split())
+        key = prompt_key(p)
         if key in seen:
             raise ValueError(f"the seed files {list(names)} hold one prompt twice: {p!r}")
         seen.add(key)
