@@ -140,7 +140,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         lines = src.readlines()
     from alignx.storage import run_location
 
-    for row in route_prompts(run_location(cfg) or cfg.run_dir, lines, cfg.model):
+    for row in route_prompts(run_location(cfg) or cfg.run_dir, lines, cfg.model, cfg.router):
         print(json.dumps(row), flush=True)
     return 0
 

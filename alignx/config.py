@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -286,9 +287,20 @@ class RouterCfg(_Section):
     lambda_mode: Literal["fixed", "fitted"] = Field(
         "fitted", description="fixed = the paper's lambdas; fitted = lambda_1 by validation NLL."
     )
-    policy: Literal["top1", "threshold"] = "threshold"
+    policy: Literal["top1", "threshold", "cost"] = Field(
+        "threshold", description="Dispatch: top1 = the largest weight; threshold = it when the "
+        "confidence reaches router.threshold and the request is in distribution, else "
+        "router.fallback; cost = the expert with the least expected cost of a miss under "
+        "router.miss_cost (argmax of miss_cost[a] * weight[a]), router.fallback when out of "
+        "distribution.")
     threshold: float = Field(0.5, ge=0, le=1, description="threshold policy: min confidence.")
     fallback: Axis = Field(Axis.HARMLESSNESS, description="Expert used below the threshold or OOD.")
+    miss_cost: dict[Axis, float] = Field(
+        default_factory=dict, description="cost policy: the cost of sending a request whose "
+        "right expert is this axis to another one, relative to 1 for axes not named; e.g. "
+        "{harmlessness: 3} sends a request to the cautious expert once its weight is a third of "
+        "the largest other weight. The calibration report's `dispatch` section shows what "
+        "each cost does on every evaluation set.")
     context_turns: int = Field(0, ge=0, description="Earlier turns the router reads before the last user turn.")
     max_train_per_axis: int | None = Field(2000, ge=1, description="Calibration prompts per axis (train split).")
     max_eval_per_axis: int | None = Field(400, ge=1, description="Validation/test prompts per axis.")
@@ -314,6 +326,15 @@ class RouterCfg(_Section):
                                  f"({', '.join(SHIPPED_SEED_SETS)}) nor an existing file")
         if len(set(v)) != len(v):
             raise ValueError(f"a file is named twice: {list(v)}")
+        return v
+
+    @field_validator("miss_cost")
+    @classmethod
+    def _miss_cost(cls, v: dict[Axis, float]) -> dict[Axis, float]:
+        bad = {a.value: c for a, c in v.items() if not (math.isfinite(c) and c > 0)}
+        if bad:
+            raise ValueError(f"costs must be finite numbers > 0, got {bad}; 1 is the cost of "
+                             "an axis not named")
         return v
 
     @field_validator("evaluation_sets")
@@ -528,6 +549,10 @@ class AlignXConfig(_Section):
             raise ValueError(f"data.sources has no source for axes {missing}")
         if self.router.fallback not in self.axes:
             raise ValueError(f"router.fallback={self.router.fallback.value!r} is not one of axes")
+        extra = [a.value for a in self.router.miss_cost if a not in self.axes]
+        if extra:
+            raise ValueError(f"router.miss_cost names {extra}, not among axes "
+                             f"{[a.value for a in self.axes]}; drop them")
         if not self.train.multitask and "multitask" in self.eval.systems:
             raise ValueError("eval.systems includes 'multitask' but train.multitask=false: set "
                              "train.multitask=true or drop multitask from eval.systems")
@@ -551,6 +576,8 @@ class AlignXConfig(_Section):
         d["train"].pop("multitask", None)  # whether the baseline is trained changes no expert
         if d["router"].get("evaluation_sets", ()) is None:  # the default (every set) keeps the
             d["router"].pop("evaluation_sets")  # hash routers had before the key existed
+        if d["router"].get("miss_cost", None) == {}:  # likewise
+            d["router"].pop("miss_cost")
         keep = {k: d.get(k) for k in _STAGE_SECTIONS[stage]}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -211,8 +211,25 @@ def test_router_evaluation_sets_are_checked_at_the_edge(tmp_path):
         load_config(None, ["router.evaluation_sets=[intent_set.jsonl,intent_set.jsonl]"])
 
 
+def test_router_miss_cost_is_checked_at_the_edge_and_unset_keeps_the_hash():
+    d = load_config(None, [])
+    assert d.router.miss_cost == {} and d.stage_hash("calibrate") == _hash_without_evaluation_sets(d)
+    c = load_config(None, ["router.policy=cost", "router.miss_cost={harmlessness: 3}"])
+    assert c.router.miss_cost == {Axis.HARMLESSNESS: 3.0}
+    assert c.stage_hash("calibrate") != d.stage_hash("calibrate")
+    with pytest.raises(AlignXConfigError, match=r"router.miss_cost.*finite numbers > 0"):
+        load_config(None, ["router.miss_cost={harmlessness: 0}"])
+    with pytest.raises(AlignXConfigError, match=r"router.miss_cost.kindness"):
+        load_config(None, ["router.miss_cost={kindness: 2}"])
+    with pytest.raises(AlignXConfigError, match=r"router.miss_cost names \['harmlessness'\], not "
+                       "among axes"):
+        load_config(None, ["axes=[helpfulness,honesty]", "router.fallback=honesty",
+                           "router.miss_cost={harmlessness: 2}"])
+
+
 def _hash_without_evaluation_sets(cfg):
-    """``stage_hash('calibrate')`` as it was before ``router.evaluation_sets`` existed."""
+    """``stage_hash('calibrate')`` as it was before ``router.evaluation_sets`` and
+    ``router.miss_cost`` existed."""
     import hashlib
     import json
 
@@ -221,5 +238,6 @@ def _hash_without_evaluation_sets(cfg):
     d = cfg.model_dump(mode="json")
     d["train"].pop("multitask", None)
     d["router"].pop("evaluation_sets")
+    d["router"].pop("miss_cost")
     keep = {k: d.get(k) for k in _STAGE_SECTIONS["calibrate"]}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

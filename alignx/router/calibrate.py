@@ -34,6 +34,7 @@ from alignx.artifacts import (
     write_json_atomic,
 )
 from alignx.router import metrics as rmetrics
+from alignx.router.dispatch import dispatch_png, policy_outcomes
 from alignx.router.features import (
     FINETUNED_WEIGHTS,
     build_encoder,
@@ -44,6 +45,7 @@ from alignx.router.features import (
     weights_digest,
 )
 from alignx.router.ood import OOD_META_FILE, OOD_WEIGHTS_FILE, HiddenStateOOD
+from alignx.router.plots import save_png
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -314,14 +316,7 @@ def reliability_png(panels: dict[str, tuple[dict[str, np.ndarray], np.ndarray]],
         hist.set(xlabel="confidence", ylabel="prompts per bin" if j == 0 else None,
                  yscale="log", xlim=(0, 1))
         hist.set_ylim(bottom=0.5)  # a bin of one prompt still shows a bar on the log axis
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path, title)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -712,6 +707,16 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
              **{key: (feats[f"set:{key}"], y, frozen[f"set:{key}"]) for key, (_, y) in sets.items()}}
     abl = {key: router.ablation_probs(h) for key, (h, _, _) in evals.items()}
     p_va = router.predict(h_va).weights
+    # what each dispatch policy does with MoCaE's weights and the served OOD flag
+    block = {"test_origin_labels": "test", **{key: f"set:{key}" for key in sets}}
+
+    def served_ood(name: str) -> np.ndarray:
+        return detector.flag(hidden[name]) if detector is not None else router.predict(
+            feats[name]).ood
+
+    dispatch = {key: policy_outcomes(abl[key]["mocae"], y, served_ood(block[key]), axes,
+                                     cfg.router.fallback)
+                for key, (_, y, _) in evals.items()}
 
     def ece_gap(rows: dict[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
         """MoCaE's ECE minus raw softmax's, with a paired-bootstrap 95% interval."""
@@ -746,6 +751,13 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         # HH-RLHF origin label)
         "harmful_misrouted": {key: harmful_misrouted(abl[key]["mocae"], y, axes)
                               for key, (_, y, _) in evals.items()},
+        # every dispatch policy on every set: harmful prompts sent elsewhere against benign
+        # ones sent to the cautious expert (router.policy / threshold / miss_cost pick among
+        # them; dispatch.png draws them)
+        "dispatch": {"policy": cfg.router.policy, "threshold": cfg.router.threshold,
+                     "fallback": cfg.router.fallback.value,
+                     "miss_cost": {a.value: c for a, c in cfg.router.miss_cost.items()},
+                     "sets": {key: d for key, d in dispatch.items() if d is not None}},
         # which axis's routing confidence is off; validation is in-sample for the calibrators,
         # and also shown weighted to the balanced prior its calibration objectives use (the
         # unweighted view follows validation's own class mix, ~13% honesty)
@@ -774,6 +786,12 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                     out_dir / "reliability.png",
                     f"router reliability ({cfg.router.encoder} encoder"
                     f"{', fine-tuned' if finetune else ''})")
+    (out_dir / "dispatch.png").unlink(missing_ok=True)  # a previous router's
+    if report["dispatch"]["sets"]:
+        dispatch_png({titles[key]: d for key, d in report["dispatch"]["sets"].items()},
+                     out_dir / "dispatch.png",
+                     "dispatch policies on MoCaE's weights: harmful prompts sent elsewhere "
+                     "against benign prompts sent to harmlessness")
     router.save(out_dir)
     for f in (OOD_WEIGHTS_FILE, OOD_META_FILE):  # a previous router's detector
         (out_dir / f).unlink(missing_ok=True)
@@ -791,6 +809,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         "policy": cfg.router.policy,
         "threshold": cfg.router.threshold,
         "fallback": cfg.router.fallback.value,
+        "miss_cost": {a.value: c for a, c in cfg.router.miss_cost.items()},
         "lambdas": [float(x) for x in router.lambdas],
         "temperature": router.temperature,
         "epsilon": cfg.router.epsilon,
@@ -847,6 +866,23 @@ def format_report(report: dict[str, Any]) -> str:
         f = floors["mocae"]
         out.append(f"ECE a perfectly calibrated MoCaE would show ({key}, sampling noise alone): "
                    f"mean {f['mean']:.4f}, 95th percentile {f['p95']:.4f}")
+    disp = report.get("dispatch")
+    if disp and disp["sets"]:  # reports written before the section existed have none
+        out.append("\ndispatch (harmful prompts sent elsewhere / benign prompts sent to "
+                   "harmlessness / accuracy; dispatch.png; configured: policy "
+                   f"{disp['policy']})")
+        for key, d in disp["sets"].items():
+            cells = []
+            for r in d["rows"]:
+                if r["policy"] == "top1":
+                    name = "top1"
+                elif r["policy"] == "threshold":
+                    name = f"θ {r['threshold']:g}"
+                else:
+                    name = f"c {r['miss_cost']['harmlessness']:g}"
+                cells.append(f"{name} {r['harmful_elsewhere']}/{r['benign_to_harmlessness']}/"
+                             f"{r['accuracy']:.3f}")
+            out.append(f"  {key} (harmful {d['harmful']} of {d['n']}): " + "; ".join(cells))
     by_axis = report.get("calibration_by_predicted_axis", {})
     if by_axis:
         out.append("\nMoCaE confidence / accuracy by predicted axis (n predictions)")
@@ -868,8 +904,8 @@ def format_report(report: dict[str, Any]) -> str:
                    f"{o['flagged_in_distribution']:.3f}, ood {o['flagged_ood']:.3f}) — "
                    f"{o['ood_set']}")
         return "\n".join(out)
-    out.append(f"\nOOD flag: {o['detector']} (serving reports it; policy=threshold falls back on "
-               "it)")
+    out.append(f"\nOOD flag: {o['detector']} (serving reports it; policies threshold and cost "
+               "fall back on it)")
     for name, rows in o["flags"].items():
         cells = [f"{k} AUROC {r['auroc']:.3f}, flagged {r['flagged']:.3f}"
                  for k, r in rows["ood_sets"].items()]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -64,6 +64,7 @@ __all__ = [
     "fisher_rao_distance",
     "fit_scale_bias",
     "fit_temperature",
+    "miss_cost_vector",
     "route",
 ]
 
@@ -71,7 +72,7 @@ logger = logging.getLogger(__name__)
 
 FractalMode = Literal["corr_integral", "knn"]
 FRACTAL_MODES: tuple[FractalMode, ...] = ("corr_integral", "knn")
-Policy = Literal["top1", "threshold"]
+Policy = Literal["top1", "threshold", "cost"]
 LambdaMode = Literal["fixed", "fitted"]
 
 #: Names of the ablation rows returned by :meth:`MoCaERouter.ablation_probs`.
@@ -684,11 +685,21 @@ def route(
     threshold: float = 0.5,
     fallback: Axis | str = Axis.HARMLESSNESS,
     axes: Sequence[Axis] = AXES,
+    miss_cost: Mapping[Axis | str, float] | None = None,
 ) -> np.ndarray:
     """Choose one expert per request from calibrated weights (METHOD.md step 8; pure).
 
     ``top1``: the argmax axis. ``threshold``: the argmax axis when ``confidence >= threshold``
     and the request is not out of distribution, otherwise ``fallback`` (when unsure, be safe).
+    ``cost`` (an addition to METHOD.md): the expert with the least expected cost when sending
+    a request whose right expert is ``y`` elsewhere costs ``miss_cost[y]`` (1 for axes not
+    named) and the weights are the probabilities of ``y``::
+
+        E[cost | e] = sum_{y != e} p_y c_y = sum_y p_y c_y - p_e c_e   ->   e* = argmax_e c_e p_e
+
+    so a harmlessness cost of 3 sends a request to the cautious expert once its weight is a
+    third of the largest other weight. Out-of-distribution requests go to ``fallback``. This is
+    the Bayes decision only if the weights are calibrated, which is what MoCaE is for.
 
     Args:
         p_hat: calibrated weights (N, A) in ``axes`` order (a single (A,) row is accepted).
@@ -698,12 +709,14 @@ def route(
         threshold: theta of the ``threshold`` policy, in [0, 1].
         fallback: the expert used below the threshold or out of distribution.
         axes: axis order of the columns of ``p_hat``.
+        miss_cost: ``cost`` policy: per-axis cost of a miss, > 0 (axes not named: 1).
 
     Returns:
         (N,) int64 index into ``axes`` of the chosen expert.
 
     Raises:
         ValueError: for an unknown policy, a threshold outside [0, 1], a fallback not in
+            ``axes``, a miss cost that is not a positive number or names an axis not in
             ``axes``, or mismatched shapes.
     """
     p = np.atleast_2d(np.asarray(p_hat))
@@ -718,14 +731,37 @@ def route(
     top1 = p.argmax(axis=1).astype(np.int64)  # (N,)
     if policy == "top1":
         return top1
-    if policy != "threshold":
-        raise ValueError(f"policy must be 'top1' or 'threshold', got {policy!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if policy not in ("threshold", "cost"):
+        raise ValueError(f"policy must be 'top1', 'threshold' or 'cost', got {policy!r}")
     fb = parse_axis(fallback)
     if fb not in axes:
         raise ValueError(f"fallback {fb.value!r} is not one of the router axes {list(axes)}")
+    if policy == "cost":
+        c = miss_cost_vector(miss_cost or {}, axes)  # (A,)
+        chosen = (p * c).argmax(axis=1)  # (N,)
+        return np.where(flag, list(axes).index(fb), chosen).astype(np.int64)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     return np.where((conf >= threshold) & ~flag, top1, list(axes).index(fb)).astype(np.int64)
+
+
+def miss_cost_vector(miss_cost: Mapping[Axis | str, float], axes: Sequence[Axis]) -> np.ndarray:
+    """``{axis: cost}`` -> (A,) costs in ``axes`` order, 1 for axes not named.
+
+    Raises:
+        ValueError: an axis not in ``axes``, or a cost that is not a finite number > 0.
+    """
+    out = np.ones(len(axes))
+    for key, cost in miss_cost.items():
+        a = parse_axis(key)
+        if a not in axes:
+            raise ValueError(f"miss_cost names {a.value!r}, not one of the router axes "
+                             f"{[x.value for x in axes]}")
+        if isinstance(cost, bool) or not (isinstance(cost, (int, float)) and np.isfinite(cost)
+                                          and cost > 0):
+            raise ValueError(f"miss_cost[{a.value!r}] must be a finite number > 0, got {cost!r}")
+        out[list(axes).index(a)] = float(cost)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

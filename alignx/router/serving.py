@@ -9,7 +9,7 @@ base model or encoder.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,13 +127,15 @@ class CalibratedRouter:
         ]
 
     def dispatch(self, features: np.ndarray, policy: str | None = None,
-                 threshold: float | None = None, fallback: str | None = None) -> list[Axis]:
+                 threshold: float | None = None, fallback: str | None = None,
+                 miss_cost: Mapping[str, float] | None = None) -> list[Axis]:
         """The expert each request goes to under the policy (default: the manifest's)."""
         res, ood = self._predict(features)
         idx = route(res.weights, res.confidence, ood,
                     policy=policy or self.manifest["policy"],  # type: ignore[arg-type]
                     threshold=self.manifest["threshold"] if threshold is None else threshold,
-                    fallback=fallback or self.manifest["fallback"], axes=self.axes)
+                    fallback=fallback or self.manifest["fallback"], axes=self.axes,
+                    miss_cost=self.manifest.get("miss_cost", {}) if miss_cost is None else miss_cost)
         return [self.axes[int(i)] for i in idx]
 
 
@@ -162,8 +164,13 @@ def load(run_dir: str | Path) -> CalibratedRouter:
     return CalibratedRouter(MoCaERouter.load(d), manifest, d, ood=ood)
 
 
-def route_prompts(run_dir: str | Path, lines: list[str], model_cfg: Any) -> list[dict[str, Any]]:
-    """``alignx route``: JSON Lines with a ``prompt`` field, or plain lines -> one decision each."""
+def route_prompts(run_dir: str | Path, lines: list[str], model_cfg: Any,
+                  router_cfg: Any = None) -> list[dict[str, Any]]:
+    """``alignx route``: JSON Lines with a ``prompt`` field, or plain lines -> one decision each.
+
+    ``router_cfg`` (the config's ``router`` section) sets the dispatch policy, as it does for
+    serving; without it the manifest's (the config the router was calibrated with) applies.
+    """
     from alignx.artifacts import check_same_base
     from alignx.modeling import base_model_id
     from alignx.router.features import router_text
@@ -188,7 +195,11 @@ def route_prompts(run_dir: str | Path, lines: list[str], model_cfg: Any) -> list
     if not prompts:
         return []
     h = cr.features(cr.build_encoder(model_cfg))(prompts)
-    infos, chosen = cr.route(h), cr.dispatch(h)
+    policy = {} if router_cfg is None else dict(
+        policy=router_cfg.policy, threshold=router_cfg.threshold,
+        fallback=router_cfg.fallback.value,
+        miss_cost={a.value: c for a, c in router_cfg.miss_cost.items()})
+    infos, chosen = cr.route(h), cr.dispatch(h, **policy)
     return [{"axis": c.value, "weights": {a.value: round(w, 6) for a, w in i.weights.items()},
              "confidence": round(i.confidence, 6), "ood": i.ood, "argmax": i.axis.value}
             for i, c in zip(infos, chosen, strict=False)]

@@ -74,9 +74,12 @@ class AppArgs(BaseModel):
         "alignx.router.serving:load",
         description="'module:function' loading the routing model from the run dir (default: the "
                     "calibrated MoCaE router of `alignx calibrate`); null serves only expert-<axis>.")
-    policy: Literal["top1", "threshold"] = "top1"
+    policy: Literal["top1", "threshold", "cost"] = "top1"
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     fallback: Axis = Axis.HARMLESSNESS
+    miss_cost: dict[Axis, float] = Field(
+        default_factory=dict, description="policy=cost: cost of sending a request whose right "
+        "expert is this axis elsewhere (axes not named: 1); see router.miss_cost.")
     context_turns: int = Field(0, ge=0, description="Earlier turns the router reads.")
     max_prompt_tokens: int = Field(2048, ge=1, description="Longer prompts get a 400.")
     default_max_tokens: int = Field(128, ge=1)
@@ -139,19 +142,25 @@ class AppArgs(BaseModel):
         return list(AXES)
 
     def check_fallback(self) -> None:
-        """Refuse a ``threshold`` policy whose fallback axis has no expert in this app.
+        """Refuse a ``threshold`` or ``cost`` policy whose fallback axis has no expert in this
+        app, and ``cost`` with a miss cost that is not a positive number of a served axis.
 
         Raises:
-            ValueError: names ``fallback``, the served axes and the fix.
+            ValueError: names ``fallback`` (or ``miss_cost``), the served axes and the fix.
         """
-        if self.policy != "threshold" or self.routing_model is None:
+        if self.policy == "top1" or self.routing_model is None:
             return
         served = self.served_axes()
         if self.fallback not in served:
+            who = "unsure" if self.policy == "threshold" else "out-of-distribution"
             raise ValueError(
                 f"fallback={self.fallback.value!r} is not a served axis "
-                f"{[x.value for x in served]}: with policy 'threshold' unsure requests go to the "
-                "fallback expert, so set fallback to one of the served axes or add its axis")
+                f"{[x.value for x in served]}: with policy {self.policy!r} {who} requests go to "
+                "the fallback expert, so set fallback to one of the served axes or add its axis")
+        if self.policy == "cost":
+            from alignx.router.mocae import miss_cost_vector
+
+            miss_cost_vector(self.miss_cost, served)
 
     def router_settings(self) -> RouterSettings:
         """Ingress settings; resolves the API key from ``auth_env``.
@@ -167,6 +176,7 @@ class AppArgs(BaseModel):
                                  "in the router's environment (runtime_env.env_vars)")
         return RouterSettings(
             policy=self.policy, threshold=self.threshold, fallback=self.fallback,
+            miss_cost=self.miss_cost,
             context_turns=self.context_turns, max_prompt_tokens=self.max_prompt_tokens,
             default_max_tokens=self.default_max_tokens, max_tokens_limit=self.max_tokens_limit,
             api_key=key, log_prompts=self.log_prompts)

@@ -44,6 +44,7 @@ def app_args(cfg: AlignXConfig, systems: list[str] | None = None,
         "policy": cfg.router.policy,
         "threshold": cfg.router.threshold,
         "fallback": cfg.router.fallback.value,
+        "miss_cost": {a.value: c for a, c in cfg.router.miss_cost.items()},
         "context_turns": cfg.router.context_turns,
         "engine": engine,
     }

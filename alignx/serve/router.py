@@ -11,7 +11,7 @@ deployment. Per request:
    functions as calibration (train/serve parity); concurrent requests share one ``encode``
    call (:class:`CoalescingEncoder`);
 3. calibrated weights from the :class:`RoutingModel`, then the dispatch policy
-   (:func:`choose_axis`: ``top1`` or ``threshold`` with a fallback axis);
+   (:func:`choose_axis`: ``top1``, ``threshold`` with a fallback axis, or ``cost``);
 4. the chosen expert's handle (anything with ``.generate.remote(...)``; fakes in tests)
    generates; the response carries the ``alignx`` object (axis, weights, confidence, ood,
    provenance, routing vs expert latency).
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Policy = Literal["top1", "threshold"]
+Policy = Literal["top1", "threshold", "cost"]
 
 
 # ----------------------------------------------------------------------------- routing seam
@@ -144,22 +144,33 @@ def load_routing_model(run_dir: str | Path, factory: str | None = None) -> Routi
 
 
 def choose_axis(
-    info: RoutingInfo, policy: Policy, threshold: float, fallback: Axis, axes: Sequence[Axis]
+    info: RoutingInfo, policy: Policy, threshold: float, fallback: Axis, axes: Sequence[Axis],
+    miss_cost: Mapping[Axis, float] | None = None,
 ) -> Axis:
     """The dispatch policy (METHOD.md step 8), a pure function of weights/confidence/ood.
 
     ``top1``: the argmax axis. ``threshold``: the argmax axis when ``confidence >= threshold``
     and the request is in distribution, otherwise ``fallback`` (when unsure, be safe).
+    ``cost``: the axis ``a`` with the largest ``miss_cost[a] * weight[a]`` (the least expected
+    cost of a miss; :func:`alignx.router.mocae.route`), ``fallback`` when out of distribution.
 
     Raises:
-        ValueError: unknown policy, or a fallback that is not served.
+        ValueError: unknown policy, a fallback that is not served, or a bad ``miss_cost``.
     """
+    from alignx.router.mocae import miss_cost_vector
+
     if policy == "top1":
         return info.axis
-    if policy != "threshold":
-        raise ValueError(f"policy must be 'top1' or 'threshold', got {policy!r}")
+    if policy not in ("threshold", "cost"):
+        raise ValueError(f"policy must be 'top1', 'threshold' or 'cost', got {policy!r}")
     if fallback not in axes:
         raise ValueError(f"fallback {fallback.value!r} is not a served axis {[a.value for a in axes]}")
+    if policy == "cost":
+        if info.ood:
+            return fallback
+        c = miss_cost_vector(miss_cost or {}, axes)  # (A,)
+        w = np.array([info.weights.get(a, 0.0) for a in axes])  # (A,)
+        return axes[int((c * w).argmax())]
     return info.axis if (info.confidence >= threshold and not info.ood) else fallback
 
 
@@ -205,6 +216,7 @@ class RouterSettings(BaseModel):
     policy: Policy = "top1"
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     fallback: Axis = Axis.HARMLESSNESS
+    miss_cost: dict[Axis, float] = Field(default_factory=dict)
     context_turns: int = Field(0, ge=0)
     max_prompt_tokens: int = Field(2048, ge=1)
     default_max_tokens: int = Field(128, ge=1)
@@ -365,8 +377,12 @@ class AlignXRouter:
                     f"routing model was calibrated on {routing_model.encoder_id!r} features "
                     f"but the serving encoder is {encoder.id!r}; use the same router.encoder"
                 )
-        if self.settings.policy == "threshold" and self.settings.fallback not in self.experts:
+        if self.settings.policy != "top1" and self.settings.fallback not in self.experts:
             raise ValueError(f"fallback axis {self.settings.fallback.value!r} has no expert")
+        if self.settings.policy == "cost":
+            from alignx.router.mocae import miss_cost_vector
+
+            miss_cost_vector(self.settings.miss_cost, self.axes)  # refuse bad costs at start
 
     # ------------------------------------------------------------------ models / auth
 
@@ -441,7 +457,7 @@ class AlignXRouter:
         rm = self.routing_model
         info = (rm.route(feats) if calibrated else rm.route_softmax(feats))[0]  # type: ignore[attr-defined]
         s = self.settings
-        axis = choose_axis(info, s.policy, s.threshold, s.fallback, self.axes)
+        axis = choose_axis(info, s.policy, s.threshold, s.fallback, self.axes, s.miss_cost)
         return info, axis, (time.perf_counter() - t0) * 1000
 
     def _info(self, system: str, axis: Axis | None, routing: RoutingInfo | None, route_ms: float,

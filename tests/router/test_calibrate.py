@@ -128,6 +128,25 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
         axes_of = read_intent_prompts(name=fname)[1]
         assert report["harmful_misrouted"][key]["n"] == sum(a == "harmlessness" for a in axes_of)
     assert "harmful prompts MoCaE routes to another expert (intent_set," in format_report(report)
+    # every dispatch policy on every set; top1 is MoCaE's argmax, so its harmful misroutes are
+    # the count above; a higher threshold (fallback harmlessness) or harmlessness cost only
+    # moves requests to the cautious expert
+    disp = report["dispatch"]
+    assert disp["policy"] == manifest["policy"] and set(disp["sets"]) == set(EVALS)
+    for key in EVALS:
+        ds, hm = disp["sets"][key], report["harmful_misrouted"][key]
+        n = report["counts"]["test" if key == "test_origin_labels" else key]
+        assert ds["harmful"] == hm["n"] and ds["n"] == n
+        by = {pol: [r for r in ds["rows"] if r["policy"] == pol]
+              for pol in ("top1", "threshold", "cost")}
+        assert by["top1"][0]["harmful_elsewhere"] == round(hm["misrouted"] * hm["n"])
+        for rows in (by["threshold"], by["cost"]):
+            assert len(rows) == 5
+            elsewhere = [r["harmful_elsewhere"] for r in rows]
+            cautious = [r["benign_to_harmlessness"] for r in rows]
+            assert elsewhere == sorted(elsewhere, reverse=True) and cautious == sorted(cautious)
+    assert (d / "dispatch.png").read_bytes()[:4] == b"\x89PNG"
+    assert "dispatch (harmful prompts sent elsewhere" in format_report(report)
     # per predicted axis: every prediction counted once, on every split
     by_axis = report["calibration_by_predicted_axis"]
     assert set(by_axis) == {"validation_in_sample", "validation_in_sample_balanced", *EVALS}
@@ -188,6 +207,18 @@ def test_route_cli_outputs_one_json_line_per_prompt(calibrated, tmp_path):
         assert row["axis"] in {a.value for a in AXES}
         assert abs(sum(row["weights"].values()) - 1) < 1e-4
         assert 0 <= row["confidence"] <= 1 and isinstance(row["ood"], bool)
+    # the dispatch policy comes from the config, overrides included, as in serving: with a
+    # huge harmlessness miss cost every prompt goes to the cautious expert, but an OOD one,
+    # which goes to the fallback
+    r = subprocess.run([sys.executable, "-m", "alignx.cli", "route", "--run-dir", cfg.run_dir,
+                        "--input", str(src), "router.policy=cost", "router.fallback=honesty",
+                        "router.miss_cost={harmlessness: 1000000}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    costly = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [row["weights"] for row in costly] == [row["weights"] for row in rows]
+    assert [row["axis"] for row in costly] == ["honesty" if row["ood"] else "harmlessness"
+                                               for row in rows]
     # the router's fine-tuned encoder weights are part of it: without them, no routing
     run = tmp_path / "run"
     shutil.copytree(Path(cfg.run_dir) / "router", run / "router")

@@ -373,9 +373,44 @@ def test_route_top1_and_threshold() -> None:
     assert route(p_hat[0], conf[:1], ood[:1], "threshold", 0.9).tolist() == [harmless]
 
 
+def test_route_cost_sends_to_harmlessness_once_its_weighted_share_is_largest() -> None:
+    help_, harm, hon = (AXES.index(a) for a in (Axis.HELPFULNESS, Axis.HARMLESSNESS,
+                                                  Axis.HONESTY))
+    p = np.zeros((3, 3))
+    p[0, [help_, harm, hon]] = 0.5, 0.3, 0.2  # 2 * 0.3 > 0.5; 1.5 * 0.3 < 0.5
+    p[1, [help_, harm, hon]] = 0.2, 0.1, 0.7
+    p[2, [help_, harm, hon]] = 0.9, 0.05, 0.05  # out of distribution
+    ood = np.array([False, False, True])
+    conf = p.max(1)
+    assert route(p, conf, ood, "cost", miss_cost={"harmlessness": 2}).tolist() == [harm, hon, harm]
+    assert route(p, conf, ood, "cost", miss_cost={Axis.HARMLESSNESS: 1.5}).tolist() == [
+        help_, hon, harm]
+    # no costs: top1 but for the OOD row, which goes to the fallback
+    assert route(p, conf, ood, "cost", fallback="honesty").tolist() == [help_, hon, hon]
+    two = [a for a in AXES if a is not Axis.HONESTY]  # a router without the honesty expert
+    with pytest.raises(ValueError, match="miss_cost names 'honesty', not one of the router"):
+        route(p[:, [AXES.index(a) for a in two]], conf, ood, "cost", axes=two,
+              miss_cost={"honesty": 2})
+
+
+def test_route_cost_is_the_least_expected_cost_of_a_miss() -> None:
+    """Brute force: E[cost | e] = sum over y != e of p_y c_y, on random weights and costs."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), size=500)
+    for _ in range(5):
+        c = rng.uniform(0.2, 6, size=3)
+        chosen = route(p, p.max(1), np.zeros(500, bool), "cost",
+                       miss_cost=dict(zip(AXES, c.tolist(), strict=True)))
+        expected = np.array([[sum(p[i, y] * c[y] for y in range(3) if y != e) for e in range(3)]
+                             for i in range(500)])
+        assert (expected[np.arange(500), chosen] <= expected.min(1) + 1e-12).all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"policy": "cost", "miss_cost": {"harmlessness": 0}}, "finite number > 0"),
+        ({"policy": "cost", "miss_cost": {"harmlessness": float("nan")}}, "finite number > 0"),
         ({"policy": "blend"}, "policy"),
         ({"policy": "threshold", "threshold": 1.5}, "threshold"),
         ({"policy": "threshold", "fallback": "kindness"}, "unknown axis"),

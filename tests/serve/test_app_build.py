@@ -71,3 +71,8 @@ def test_threshold_fallback_must_be_a_served_axis(tmp_path):
         build_app(args)  # refused before looking for adapters
     AppArgs.model_validate({**args, "fallback": "honesty"}).check_fallback()
     AppArgs.model_validate({**args, "policy": "top1"}).check_fallback()  # top1: no fallback
+    with pytest.raises(ValueError, match="policy 'cost' out-of-distribution requests go to"):
+        build_app({**args, "policy": "cost"})  # cost: OOD requests go to the fallback
+    with pytest.raises(ValueError, match="miss_cost names 'harmlessness', not one of"):
+        build_app({**args, "policy": "cost", "fallback": "honesty",
+                   "miss_cost": {"harmlessness": 3}})

@@ -81,12 +81,13 @@ class FakeExpert:
 
 
 def make_router(policy="top1", threshold=0.5, api_key=None, fail=None, tokenizer=None,
-                max_prompt_tokens=2048):
+                max_prompt_tokens=2048, miss_cost=None):
     experts = {a: FakeExpert(a.value, fail) for a in Axis}
     metrics = MemoryMetrics()
     router = AlignXRouter(
         experts, rf.KeywordRouting(), rf.KeywordEncoder(),
         RouterSettings(policy=policy, threshold=threshold, api_key=api_key,
+                       miss_cost=miss_cost or {},
                        max_prompt_tokens=max_prompt_tokens, max_tokens_limit=256),
         tokenizer=tokenizer, metrics=metrics, overload_errors=(Overloaded,),
         unavailable_errors=(ReplicaGone,))
@@ -138,6 +139,20 @@ def test_threshold_policy_falls_back_when_unsure_or_ood():
     assert out["alignx"]["ood"] is True and out["alignx"]["axis"] == "harmlessness"
 
 
+def test_cost_policy_weighs_the_cautious_expert_and_sends_ood_to_the_fallback():
+    # "write a poem that is really true": a tie between helpfulness and honesty
+    tie = "write a poem that is really true"
+    router, _, _ = make_router(policy="cost", miss_cost={Axis.HARMLESSNESS: 3.0})
+    c = TestClient(build_router_api(router))
+    out = c.post("/v1/chat/completions", json=body(tie)).json()["alignx"]
+    assert out["axis"] in ("helpfulness", "honesty")  # no harmlessness weight to scale
+    assert c.post("/v1/chat/completions", json=body(HONEST)).json()["alignx"]["axis"] == "honesty"
+    out = c.post("/v1/chat/completions", json=body("hello there")).json()["alignx"]
+    assert out["ood"] is True and out["axis"] == "harmlessness"
+    with pytest.raises(ValueError, match="miss_cost"):  # refused when the router is built
+        make_router(policy="cost", miss_cost={Axis.HARMLESSNESS: -1.0})
+
+
 def test_choose_axis_pure():
     info = RoutingInfo(Axis.HONESTY, {a: 1 / 3 for a in Axis}, 0.4, ood=False)
     assert choose_axis(info, "top1", 0.9, Axis.HARMLESSNESS, list(Axis)) is Axis.HONESTY
@@ -147,6 +162,13 @@ def test_choose_axis_pure():
     assert choose_axis(ood, "threshold", 0.5, Axis.HELPFULNESS, list(Axis)) is Axis.HELPFULNESS
     with pytest.raises(ValueError):
         choose_axis(info, "blend", 0.5, Axis.HARMLESSNESS, list(Axis))  # type: ignore[arg-type]
+    w = {Axis.HELPFULNESS: 0.5, Axis.HARMLESSNESS: 0.3, Axis.HONESTY: 0.2}
+    unsure = RoutingInfo(Axis.HELPFULNESS, w, 0.5, ood=False)
+    cost = {Axis.HARMLESSNESS: 2.0}  # 2 * 0.3 > 0.5
+    assert choose_axis(unsure, "cost", 0.0, Axis.HONESTY, list(Axis), cost) is Axis.HARMLESSNESS
+    assert choose_axis(unsure, "cost", 0.0, Axis.HONESTY, list(Axis),
+                       {Axis.HARMLESSNESS: 1.5}) is Axis.HELPFULNESS
+    assert choose_axis(ood, "cost", 0.0, Axis.HONESTY, list(Axis), cost) is Axis.HONESTY
 
 
 @pytest.mark.parametrize("axis", list(Axis))
