@@ -76,3 +76,17 @@ def test_threshold_fallback_must_be_a_served_axis(tmp_path):
     with pytest.raises(ValueError, match="miss_cost names 'harmlessness', not one of"):
         build_app({**args, "policy": "cost", "fallback": "honesty",
                    "miss_cost": {"harmlessness": 3}})
+
+
+def test_the_run_configs_dispatch_policy_reaches_the_router(tmp_path):
+    """`alignx serve` / the evaluation deploy the app from the run config (deploy.app_args)."""
+    from alignx.axes import Axis
+    from alignx.config import load_config
+    from alignx.serve.deploy import app_args
+
+    cfg = load_config(REPO / "jobs/configs/tiny.yaml",
+                      ["router.policy=cost", "router.miss_cost={harmlessness: 3}"],
+                      run_dir=str(tmp_path))
+    s = AppArgs.model_validate(app_args(cfg)).router_settings()
+    assert (s.policy, s.miss_cost, s.fallback) == ("cost", {Axis.HARMLESSNESS: 3.0},
+                                                   Axis.HARMLESSNESS)
