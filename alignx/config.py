@@ -152,6 +152,47 @@ SEED_WEIGHT_FROZEN = 50.0  # chosen by cross-validation over the seeds (session 
 SEED_WEIGHT_FINETUNED = 1.0  # the seeds already joined fine-tuning; lowest validation NLL
 
 
+def check_labelled_files(v: tuple[str, ...], required: bool) -> tuple[str, ...]:
+    """Seed or calibration files: shipped hand-labelled names or existing paths, never an
+    evaluation set, none named twice (``required``: at least one).
+
+    Raises:
+        ValueError: names the file and the choices.
+    """
+    from alignx.router.targets import EVALUATION_SETS, SHIPPED_SEED_SETS
+
+    if not v and required:
+        raise ValueError("empty: name at least one seed file, e.g. [intent_seeds.jsonl]")
+    for name in v:
+        if Path(name).name in {fname for fname, _ in EVALUATION_SETS.values()}:
+            raise ValueError(f"{name!r} is an evaluation set: a router is never trained or "
+                             f"calibrated on it. Use {' / '.join(SHIPPED_SEED_SETS)} or "
+                             "your own file")
+        if name not in SHIPPED_SEED_SETS and not Path(name).is_file():
+            raise ValueError(f"{name!r} is neither a shipped hand-labelled file "
+                             f"({', '.join(SHIPPED_SEED_SETS)}) nor an existing file")
+    if len(set(v)) != len(v):
+        raise ValueError(f"a file is named twice: {list(v)}")
+    return v
+
+
+class FinetuneAnchorCfg(_Section):
+    """``router.finetune_anchor``: a second encoder fine-tune, averaged into the served one."""
+
+    seed_sets: tuple[str, ...] = Field(
+        description="Seed files of the anchor fine-tune (names or paths, as router.seed_sets); "
+        "its intent targets are built from them as the main fine-tune's are from "
+        "router.seed_sets.")
+    weight: float = Field(
+        gt=0, lt=1, description="The anchor's share of the served encoder's weights: served = "
+        "weight * anchor + (1 - weight) * main, per tensor.")
+
+    @field_validator("seed_sets")
+    @classmethod
+    def _seed_sets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return check_labelled_files(v, required=True)
+
+
 class RouterCfg(_Section):
     """Stage 2: the MoCaE router and its calibration job (METHOD.md, Stage 2)."""
 
@@ -186,6 +227,15 @@ class RouterCfg(_Section):
         "prompts by writers the router did not learn from teach the calibrators how far to "
         "trust it on new writers (docs/experiments/shift_calibration_protocol.md; [] = "
         "validation split only). Evaluation sets and files already in seed_sets are refused.",
+    )
+    finetune_anchor: FinetuneAnchorCfg | None = Field(
+        None, description="Weight-space interpolation of two encoder fine-tunes (WiSE-FT "
+        "style; docs/experiments/wise_2_protocol.md): the job fine-tunes the encoder once on "
+        "router.seed_sets (main) and once on finetune_anchor.seed_sets (anchor), with the same "
+        "data, seed and schedule, and serves weight * anchor + (1 - weight) * main; everything "
+        "after the encoder uses router.seed_sets. null = one fine-tune. Needs a fine-tuned "
+        "sentence encoder, intent targets and router.finetune_members=1. Costs a second "
+        "fine-tune.",
     )
     evaluation_sets: tuple[str, ...] | None = Field(
         None, description="The hand-labelled evaluation sets the calibration job embeds and "
@@ -311,22 +361,7 @@ class RouterCfg(_Section):
     @field_validator("seed_sets", "calibration_sets")
     @classmethod
     def _labelled_sets(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        from alignx.router.targets import EVALUATION_SETS, SHIPPED_SEED_SETS
-
-        if not v and info.field_name == "seed_sets":
-            raise ValueError("empty: name at least one seed file, e.g. "
-                             "[intent_seeds.jsonl]")
-        for name in v:
-            if Path(name).name in {fname for fname, _ in EVALUATION_SETS.values()}:
-                raise ValueError(f"{name!r} is an evaluation set: a router is never trained or "
-                                 f"calibrated on it. Use {' / '.join(SHIPPED_SEED_SETS)} or "
-                                 "your own file")
-            if name not in SHIPPED_SEED_SETS and not Path(name).is_file():
-                raise ValueError(f"{name!r} is neither a shipped hand-labelled file "
-                                 f"({', '.join(SHIPPED_SEED_SETS)}) nor an existing file")
-        if len(set(v)) != len(v):
-            raise ValueError(f"a file is named twice: {list(v)}")
-        return v
+        return check_labelled_files(v, required=info.field_name == "seed_sets")
 
     @field_validator("miss_cost")
     @classmethod
@@ -398,6 +433,26 @@ class RouterCfg(_Section):
         if self.encoder == "base" and (self.finetune_epochs or 0) > 0:
             raise ValueError("router.finetune_epochs > 0 needs router.encoder=sentence (the base "
                              "model's features are never fine-tuned); set router.finetune_epochs=0")
+        if self.finetune_anchor is not None:
+            if self.encoder != "sentence" or self.epochs_to_finetune <= 0 or \
+                    self.targets != "intent":
+                raise ValueError("router.finetune_anchor averages two fine-tunes of the "
+                                 "sentence encoder on intent targets: it needs "
+                                 "router.encoder=sentence, router.targets=intent and "
+                                 "router.finetune_epochs > 0 (or set finetune_anchor: null)")
+            if self.finetune_members != 1:
+                raise ValueError("router.finetune_anchor and router.finetune_members > 1 (a "
+                                 "soup) cannot be combined; use one of them")
+            seen = sorted(set(self.finetune_anchor.seed_sets) & set(self.calibration_sets))
+            if seen:
+                raise ValueError(f"router.finetune_anchor.seed_sets names {seen}, which "
+                                 "router.calibration_sets uses: calibration prompts must be "
+                                 "unseen; drop them from one of the two")
+            trained = sorted(set(self.own_evaluation_sets()) & set(self.finetune_anchor.seed_sets))
+            if trained:
+                raise ValueError(f"router.evaluation_sets names {trained}, which "
+                                 "router.finetune_anchor.seed_sets trains on: an evaluation set "
+                                 "must be unseen")
         return self
 
     @property
@@ -578,6 +633,8 @@ class AlignXConfig(_Section):
             d["router"].pop("evaluation_sets")  # hash routers had before the key existed
         if d["router"].get("miss_cost", None) == {}:  # likewise
             d["router"].pop("miss_cost")
+        if "finetune_anchor" in d["router"] and d["router"]["finetune_anchor"] is None:
+            d["router"].pop("finetune_anchor")
         keep = {k: d.get(k) for k in _STAGE_SECTIONS[stage]}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

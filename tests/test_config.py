@@ -227,9 +227,32 @@ def test_router_miss_cost_is_checked_at_the_edge_and_unset_keeps_the_hash():
                            "router.miss_cost={harmlessness: 2}"])
 
 
+def test_router_finetune_anchor_is_checked_at_the_edge():
+    anchor = "router.finetune_anchor={seed_sets: [intent_seeds.jsonl], weight: 0.625}"
+    c = load_config(None, [anchor])
+    assert c.router.finetune_anchor.weight == 0.625
+    assert c.stage_hash("calibrate") != load_config(None, []).stage_hash("calibrate")
+    for bad, match in [
+        ("router.finetune_anchor={seed_sets: [intent_seeds.jsonl], weight: 1}", "less than 1"),
+        ("router.finetune_anchor={seed_sets: [], weight: 0.5}", "at least one seed file"),
+        ("router.finetune_anchor={seed_sets: [intent_set_9.jsonl], weight: 0.5}",
+         "is an evaluation set"),
+        ("router.finetune_anchor={seed_sets: [intent_set_3.jsonl], weight: 0.5}",
+         "router.calibration_sets uses"),
+        ("router.finetune_anchor={seeds: [intent_seeds.jsonl], weight: 0.5}", "seeds"),
+    ]:
+        with pytest.raises(AlignXConfigError, match=match):
+            load_config(None, [bad])
+    for other, match in [("router.finetune_epochs=0", "router.finetune_epochs > 0"),
+                         ("router.targets=origin", "router.targets=intent"),
+                         ("router.finetune_members=2", "cannot be combined")]:
+        with pytest.raises(AlignXConfigError, match=match):
+            load_config(None, [anchor, other])
+
+
 def _hash_without_evaluation_sets(cfg):
-    """``stage_hash('calibrate')`` as it was before ``router.evaluation_sets`` and
-    ``router.miss_cost`` existed."""
+    """``stage_hash('calibrate')`` as it was before ``router.evaluation_sets``,
+    ``router.miss_cost`` and ``router.finetune_anchor`` existed."""
     import hashlib
     import json
 
@@ -239,5 +262,6 @@ def _hash_without_evaluation_sets(cfg):
     d["train"].pop("multitask", None)
     d["router"].pop("evaluation_sets")
     d["router"].pop("miss_cost")
+    d["router"].pop("finetune_anchor")
     keep = {k: d.get(k) for k in _STAGE_SECTIONS["calibrate"]}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

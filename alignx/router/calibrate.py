@@ -325,7 +325,7 @@ def reliability_png(panels: dict[str, tuple[dict[str, np.ndarray], np.ndarray]],
 def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
                  t_va: np.ndarray, seed_texts: list[str], seed_y: np.ndarray,
                  use_seeds: bool, monitor: dict[str, tuple[list[str], np.ndarray]] | None = None,
-                 **kwargs: Any) -> Any:
+                 embed: bool = True, **kwargs: Any) -> Any:
     """Fine-tune the sentence encoder in a Ray task (``router.finetune_cpus`` /
     ``finetune_gpus``) on the train texts' targets (+ the seeds), choosing the step on the
     validation texts (``router.finetune_evals_per_epoch`` points per epoch; ``monitor``: named
@@ -339,10 +339,11 @@ def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
     With ``router.finetune_members`` = M > 1, M such fine-tunes run as parallel Ray tasks, the
     same data and fine-tune seeds ``cfg.seed + i``; the result is their soup (the uniform
     average of their weights, :func:`~alignx.router.finetune.soup`), ``blocks`` embedded with
-    it in one more task."""
+    it in one more task. ``embed=False`` embeds nothing (``features`` empty): only the weights
+    are needed (``router.finetune_anchor``'s two fine-tunes)."""
     import ray
 
-    from alignx.router.finetune import embed_with_state, soup
+    from alignx.router.finetune import soup
 
     rc = cfg.router
     reps = rc.finetune_seed_repeats if use_seeds else 0
@@ -364,18 +365,34 @@ def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
                 average_from=rc.finetune_average_from)
     args.update(kwargs)
     if m == 1:
-        return ray.get(task.remote(texts, y, list(blocks[1]), t_va, blocks, **args))
+        return ray.get(task.remote(texts, y, list(blocks[1]), t_va, blocks if embed else [],
+                                   **args))
     # the members embed nothing (blocks=[]): only their weights are needed
     texts_ref, y_ref, va_ref, t_va_ref = (ray.put(v) for v in (texts, y, list(blocks[1]), t_va))
     seeds = [cfg.seed + i for i in range(m)]
     members = ray.get([task.remote(texts_ref, y_ref, va_ref, t_va_ref, [], **{**args, "seed": s})
                        for s in seeds])
     res = soup(members, seeds)
-    embed = ray.remote(**resources)(embed_with_state)
-    res.features = ray.get(embed.remote(res.state, blocks, hidden_layer=args.get("hidden_layer"),
-                                        threads=threads, device=device))
+    if embed:
+        res.features = embed_blocks(cfg, res.state, blocks, args.get("hidden_layer"))
     log.info("encoder soup: the average of %d fine-tunes (seeds %s)", m, seeds)
     return res
+
+
+def embed_blocks(cfg: AlignXConfig, state: dict[str, np.ndarray], blocks: list[list[str]],
+                 hidden_layer: int | None) -> list[np.ndarray]:
+    """``blocks`` embedded by the sentence encoder carrying ``state``, in one Ray task with the
+    fine-tune's resources (a soup's or an interpolation's weights)."""
+    import ray
+
+    from alignx.router.finetune import embed_with_state
+
+    rc = cfg.router
+    embed = ray.remote(num_cpus=rc.finetune_cpus, num_gpus=rc.finetune_gpus,
+                       max_retries=0)(embed_with_state)
+    return ray.get(embed.remote(state, blocks, hidden_layer=hidden_layer,
+                                threads=max(1, int(rc.finetune_cpus)),
+                                device="cuda" if rc.finetune_gpus > 0 else "cpu"))
 
 
 def finetune_select_on(cfg: AlignXConfig, monitor: Mapping[str, Any] | None) -> tuple[str, ...]:
@@ -545,6 +562,7 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         ValueError: an empty or one-axis calibration set.
     """
     from alignx.modeling import base_model_id
+    from alignx.router.finetune import interpolate_states
     from alignx.router.mocae import MoCaERouter, _prior_weights
     from alignx.router.targets import (
         EVALUATION_SETS,
@@ -567,11 +585,16 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     splits = {s: gather_prompts(cfg, s) for s in ("train", "validation", "test")}
     (seed_texts, seed_y), (cal_texts, cal_y) = _labelled_files(
         tuple(cfg.router.seed_sets), tuple(cfg.router.calibration_sets), axes)
+    anchor = cfg.router.finetune_anchor  # a second fine-tune on other seeds, averaged in
+    anchor_texts: list[str] = []
+    if anchor is not None:
+        (anchor_texts, anchor_y), _ = _labelled_files(
+            tuple(anchor.seed_sets), tuple(cfg.router.calibration_sets), axes)
     sets = {key: _shipped_set(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()
             if cfg.router.reports(fname)}
     own_sets = {evaluation_set_key(p): p for p in cfg.router.own_evaluation_sets()}
     for key, path in own_sets.items():
-        sets[key] = _own_evaluation_set(path, axes, [*seed_texts, *cal_texts])
+        sets[key] = _own_evaluation_set(path, axes, [*seed_texts, *anchor_texts, *cal_texts])
     ood_texts = [r["text"] for r in read_jsonl(OOD_SET)]
     ood2_texts = [r["text"] for r in read_jsonl(OOD_SET_2)]
     hidden_layer = ood_hidden_layer(cfg)
@@ -583,7 +606,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
              "test": splits["test"][0], "seeds": seed_texts, "ood": ood_texts,
              "ood_2": ood2_texts,
              "calibration": cal_texts,  # may be empty: a (0, d) block
-             **{f"set:{key}": texts for key, (texts, _) in sets.items()}}
+             **{f"set:{key}": texts for key, (texts, _) in sets.items()},
+             **({"anchor_seeds": anchor_texts} if anchor is not None else {})}
     blocks = list(named.values())
     sizes = np.cumsum([0] + [len(b) for b in blocks])
     log.info("embedding %d texts with the %s encoder", sizes[-1], cfg.router.encoder)
@@ -598,27 +622,31 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     #    validation prompts (never test); the seeds also join training at `seed_weight`.
     #    How readily a prompt leaves its origin label (the margin) is chosen on validation:
     #    seed cross-validation (intent) + validation accuracy on origin labels, frozen features.
-    h_tr, h_va, h_seed = feats["train"], feats["validation"], feats["seeds"]
-    relabel: dict[str, Any] | None = None
-    if cfg.router.targets == "intent":
+    h_tr, h_va = feats["train"], feats["validation"]
+
+    def intent_targets(h_seed: np.ndarray, s_y: np.ndarray) -> tuple[
+            np.ndarray, np.ndarray, dict[str, Any] | None]:
+        """(train targets, validation targets, how the relabel margin was set) from seeds."""
+        if cfg.router.targets != "intent":
+            return y_tr, y_va, None
         margin = cfg.router.relabel_margin
         if margin == "auto":
             sw = cfg.router.seed_weight_for(False)
             choice = choose_relabel_margin(
-                h_tr, y_tr, h_va, y_va, h_seed, seed_y, axes=axes, seed=cfg.seed, seed_weight=sw,
+                h_tr, y_tr, h_va, y_va, h_seed, s_y, axes=axes, seed=cfg.seed, seed_weight=sw,
                 fit=lambda h, y, w: fit_weighted_logistic(h, y, w, len(axes), seed=cfg.seed))
             margin = choice.margin
-            relabel = {"margin": margin, "chosen_by": "5-fold seed CV accuracy + origin-label "
-                       "validation accuracy (mean), frozen features, weighted logistic router "
-                       f"(seed weight {sw:g})", "rows": choice.rows}
+            how = {"margin": margin, "chosen_by": "5-fold seed CV accuracy + origin-label "
+                   "validation accuracy (mean), frozen features, weighted logistic router "
+                   f"(seed weight {sw:g})", "rows": choice.rows}
             log.info("relabel margin %.2f chosen on validation", margin)
         else:
-            relabel = {"margin": margin, "chosen_by": "config router.relabel_margin"}
+            how = {"margin": margin, "chosen_by": "config router.relabel_margin"}
         it = build_intent_targets(np.concatenate([h_tr, h_va]), np.concatenate([y_tr, y_va]),
-                                  h_seed, seed_y, axes=axes, margin=float(margin))
-        t_tr, t_va = it.labels[: len(y_tr)], it.labels[len(y_tr) :]
-    else:
-        t_tr, t_va = y_tr, y_va
+                                  h_seed, s_y, axes=axes, margin=float(margin))
+        return it.labels[: len(y_tr)], it.labels[len(y_tr) :], how
+
+    t_tr, t_va, relabel = intent_targets(feats["seeds"], seed_y)
     moved = {axes[o].value: {axes[t].value: int(((y_tr == o) & (t_tr == t)).sum())
                              for t in range(len(axes))} for o in range(len(axes))}
     finetuned = cfg.router.epochs_to_finetune > 0
@@ -650,9 +678,22 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     if finetuned:
         # the calibration prompts' curve is recorded (never chosen on): how the fine-tune
         # treats writers it does not learn from
+        monitor = {"calibration": (cal_texts, cal_y)} if cal_texts else None
         ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds,
-                          monitor={"calibration": (cal_texts, cal_y)} if cal_texts else None,
-                          hidden_layer=hidden_layer)
+                          monitor=monitor, hidden_layer=hidden_layer, embed=anchor is None)
+        anchor_report = None
+        if anchor is not None:
+            # the anchor: the same fine-tune on its own seeds' targets; served = the average
+            a_tr, a_va, a_relabel = intent_targets(feats["anchor_seeds"], anchor_y)
+            ft_anchor = run_finetune(cfg, blocks, a_tr, a_va, anchor_texts, anchor_y, use_seeds,
+                                     monitor=monitor, hidden_layer=hidden_layer, embed=False)
+            ft.state = interpolate_states(ft_anchor.state, ft.state, 1 - anchor.weight)
+            ft.features = embed_blocks(cfg, ft.state, blocks, hidden_layer)
+            anchor_report = {"seed_sets": list(anchor.seed_sets), "weight": anchor.weight,
+                             "relabel": a_relabel, "counts": {"intent_seeds": len(anchor_y)},
+                             **ft_anchor.summary()}
+            log.info("served encoder: %g x the anchor fine-tune (%s) + %g x the main one",
+                     anchor.weight, ", ".join(anchor.seed_sets), 1 - anchor.weight)
         feats = {name: f[:, :dim] for name, f in zip(named, ft.features, strict=True)}
         hidden = {name: f[:, dim:] for name, f in zip(named, ft.features, strict=True)}
         save_encoder_weights(ft.state, weights_path)
@@ -663,7 +704,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                     "average_from": cfg.router.finetune_average_from,
                     "seed_repeats": cfg.router.finetune_seed_repeats if use_seeds else 0,
                     "members": cfg.router.finetune_members,
-                    "router_seed_weight": cfg.router.seed_weight_for(True)}
+                    "router_seed_weight": cfg.router.seed_weight_for(True),
+                    **({"anchor": anchor_report} if anchor_report else {})}
     else:
         weights_path.unlink(missing_ok=True)  # a previous fine-tuned router's weights
 

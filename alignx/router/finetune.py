@@ -146,6 +146,31 @@ def average_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def interpolate_states(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
+                       alpha: float) -> dict[str, np.ndarray]:
+    """``(1 - alpha) * a + alpha * b`` per tensor, in float64 and cast back (WiSE-FT style,
+    ``router.finetune_anchor``: two fine-tunes of one start); integer buffers (position ids)
+    must agree.
+
+    Raises:
+        ValueError: the two states differ in tensors, shapes or integer buffers.
+    """
+    if a.keys() != b.keys():
+        raise ValueError(f"the two encoders differ in tensors: {sorted(a.keys() ^ b.keys())[:5]}")
+    out = {}
+    for k, va in a.items():
+        vb = b[k]
+        if va.shape != vb.shape:
+            raise ValueError(f"{k}: shapes {va.shape} and {vb.shape}")
+        if np.issubdtype(va.dtype, np.floating):
+            out[k] = ((1 - alpha) * va.astype(np.float64) + alpha * vb).astype(va.dtype)
+        else:
+            if not np.array_equal(va, vb):
+                raise ValueError(f"{k}: integer tensors differ")
+            out[k] = va
+    return out
+
+
 def _np(v: Any) -> np.ndarray:
     """A tensor or array as a numpy array."""
     return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)

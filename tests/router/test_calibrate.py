@@ -73,6 +73,13 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     # the calibration prompts' curve is recorded at every point (tiny.yaml names a set)
     assert all(0 <= p["calibration_balanced_acc"] <= 1 and p["calibration_nll"] > 0
                for p in ft["curve"])
+    # tiny.yaml's anchor: a second fine-tune on the first seed file alone, half the served
+    # encoder; its targets come from its own seeds, its schedule is the main one's
+    an = ft["anchor"]
+    assert an["seed_sets"] == ["intent_seeds.jsonl"] and an["weight"] == 0.5
+    assert an["counts"]["intent_seeds"] == 360 < report["counts"]["intent_seeds"]
+    assert 1 <= an["steps"] < ft["steps"] and an["curve"][-1]["step"] == an["steps"]
+    assert len(an["averaged_steps"]) >= 2 and an["relabel"]["margin"] is not None
     assert report["counts"]["intent_set"] >= 150 and report["counts"]["ood"] >= 30
     assert report["counts"]["intent_validation"] >= 150
     assert report["evaluation_sets"] == list(EVALUATION_SETS)  # unset: every shipped set

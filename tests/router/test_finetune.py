@@ -13,6 +13,7 @@ from alignx.router.finetune import (
     embed_with_state,
     evaluation_schedule,
     finetune_sentence_encoder,
+    interpolate_states,
     selection_score,
     soup,
 )
@@ -285,3 +286,18 @@ def test_soup_refuses_mismatched_members_and_embed_with_state_adds_the_hidden_la
     wide = embed_with_state(res.state, [HELP], hidden_layer=3, encoder=SentenceEncoder())[0]
     assert wide.shape == (4, 768)
     np.testing.assert_allclose(wide[:, :384], res.features[0][:4], atol=1e-5)
+
+
+def test_interpolate_states_weights_each_floating_tensor_and_keeps_integer_buffers():
+    a = {"w": np.array([0.0, 4.0], np.float32), "ids": np.arange(3)}
+    b = {"w": np.array([8.0, 0.0], np.float32), "ids": np.arange(3)}
+    out = interpolate_states(a, b, 0.375)  # (1 - 0.375) a + 0.375 b
+    np.testing.assert_array_equal(out["w"], np.array([3.0, 2.5], np.float32))
+    assert out["w"].dtype == np.float32 and out["ids"] is a["ids"]
+    np.testing.assert_array_equal(interpolate_states(a, b, 0.0)["w"], a["w"])
+    with pytest.raises(ValueError, match="differ in tensors"):
+        interpolate_states(a, {"w": b["w"]}, 0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        interpolate_states(a, {**b, "w": np.zeros(3, np.float32)}, 0.5)
+    with pytest.raises(ValueError, match="integer tensors differ"):
+        interpolate_states(a, {**b, "ids": np.arange(3) + 1}, 0.5)

@@ -22,6 +22,7 @@ import numpy as np
 
 import alignx.router.calibrate as C
 from alignx.router.finetune import FinetuneResult, embed_with_state
+from alignx.router.finetune import interpolate_states as interpolate
 
 _spec = importlib.util.spec_from_file_location(
     "dump_calibration", Path(__file__).resolve().parent.parent / "dump_calibration.py")
@@ -33,25 +34,6 @@ def load_state(run: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(str(Path(run) / "router" / "encoder" / "model.safetensors"))
-
-
-def interpolate(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
-                alpha: float) -> dict[str, np.ndarray]:
-    """(1 - alpha) a + alpha b per tensor; integer tensors (position ids) must agree."""
-    if a.keys() != b.keys():
-        raise ValueError(f"the two encoders differ in tensors: {sorted(a.keys() ^ b.keys())[:5]}")
-    out = {}
-    for k, va in a.items():
-        vb = b[k]
-        if va.shape != vb.shape:
-            raise ValueError(f"{k}: shapes {va.shape} and {vb.shape}")
-        if np.issubdtype(va.dtype, np.floating):
-            out[k] = ((1 - alpha) * va.astype(np.float64) + alpha * vb).astype(va.dtype)
-        else:
-            if not np.array_equal(va, vb):
-                raise ValueError(f"{k}: integer tensors differ")
-            out[k] = va
-    return out
 
 
 if __name__ == "__main__":

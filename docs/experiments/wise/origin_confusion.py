@@ -11,8 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from alignx.config import load_config
 from alignx.router.calibrate import gather_prompts
 
