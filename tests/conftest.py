@@ -118,8 +118,12 @@ def tiny_run(ray_local, tmp_path_factory):
     from alignx.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
-    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [f"data.data_dir={FIXTURES}"],
-                      run_dir=str(run_dir))
+    # two fine-tunes averaged (router.finetune_anchor; the second on the first seed file
+    # alone) on this shared run only: the other tiny runs keep one fine-tune
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [
+        f"data.data_dir={FIXTURES}",
+        "router.finetune_anchor={seed_sets: [intent_seeds.jsonl], weight: 0.5}"],
+        run_dir=str(run_dir))
     run_pipeline(cfg, evaluate=False)  # tests/eval/test_harness_serve.py evaluates it
     return cfg
 

@@ -157,8 +157,6 @@ def choose_axis(
     Raises:
         ValueError: unknown policy, a fallback that is not served, or a bad ``miss_cost``.
     """
-    from alignx.router.mocae import miss_cost_vector
-
     if policy == "top1":
         return info.axis
     if policy not in ("threshold", "cost"):
@@ -166,6 +164,8 @@ def choose_axis(
     if fallback not in axes:
         raise ValueError(f"fallback {fallback.value!r} is not a served axis {[a.value for a in axes]}")
     if policy == "cost":
+        from alignx.router.mocae import miss_cost_vector
+
         if info.ood:
             return fallback
         c = miss_cost_vector(miss_cost or {}, axes)  # (A,)
