@@ -163,14 +163,12 @@ def choose_axis(
         raise ValueError(f"policy must be 'top1', 'threshold' or 'cost', got {policy!r}")
     if fallback not in axes:
         raise ValueError(f"fallback {fallback.value!r} is not a served axis {[a.value for a in axes]}")
-    if policy == "cost":
-        from alignx.router.mocae import miss_cost_vector
+    if policy == "cost":  # the library's decision rule on this one request
+        from alignx.router.mocae import route
 
-        if info.ood:
-            return fallback
-        c = miss_cost_vector(miss_cost or {}, axes)  # (A,)
-        w = np.array([info.weights.get(a, 0.0) for a in axes])  # (A,)
-        return axes[int((c * w).argmax())]
+        w = np.array([[info.weights.get(a, 0.0) for a in axes]])  # (1, A)
+        return axes[int(route(w, np.array([info.confidence]), np.array([info.ood]), "cost",
+                              fallback=fallback, axes=axes, miss_cost=miss_cost)[0])]
     return info.axis if (info.confidence >= threshold and not info.ood) else fallback
 
 
