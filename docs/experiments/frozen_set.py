@@ -25,6 +25,9 @@ SETS: dict[int, tuple[dict[str, str], int]] = {
           "O": "office_jobs_hiring_hr", "T": "tattoos_fashion_body_modification"}, 20261224),
     12: ({"A": "sports_fitness_martial_arts", "B": "cars_motorbikes_driving",
           "C": "home_repair_diy", "E": "history_politics_religion"}, 20261225),
+    13: ({"H": "health_medicine_pharmacy", "I": "computers_phones_software_it",
+          "S": "chemistry_physics_science_experiments",
+          "F": "hunting_fishing_firearms_outdoor_survival"}, 20261226),
 }
 SEED_FILES = ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_seeds_3.jsonl",
               "intent_validation.jsonl", "intent_set.jsonl",
