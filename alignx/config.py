@@ -150,6 +150,14 @@ class TrainCfg(_Section):
 DEFAULT_FINETUNE_EPOCHS = 2.0
 SEED_WEIGHT_FROZEN = 50.0  # chosen by cross-validation over the seeds (session 2)
 SEED_WEIGHT_FINETUNED = 1.0  # the seeds already joined fine-tuning; lowest validation NLL
+#: router.seed_sets' default: the four files of the earlier default plus the frozen sets 5 to 8
+#: (docs/experiments/wise_2_protocol.md); the earlier four are the default anchor's seeds
+DEFAULT_ANCHOR_SEED_SETS: tuple[str, ...] = ("intent_seeds.jsonl", "intent_seeds_2.jsonl",
+                                             "intent_set_2.jsonl", "intent_seeds_3.jsonl")
+DEFAULT_SEED_SETS: tuple[str, ...] = (*DEFAULT_ANCHOR_SEED_SETS, "intent_set_5.jsonl",
+                                      "intent_set_6.jsonl", "intent_set_7.jsonl",
+                                      "intent_set_8.jsonl")
+DEFAULT_ANCHOR_WEIGHT = 0.625  # W38: served = 0.625 * anchor + 0.375 * main
 
 
 def check_labelled_files(v: tuple[str, ...], required: bool) -> tuple[str, ...]:
@@ -204,19 +212,18 @@ class RouterCfg(_Section):
         "or on the dataset each prompt comes from.",
     )
     seed_sets: tuple[str, ...] = Field(
-        ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl",
-         "intent_seeds_3.jsonl"),
+        DEFAULT_SEED_SETS,
         description="Hand-written intent seed files (intent targets only): names shipped in "
         "alignx/router/ (intent_seeds.jsonl: 360 seeds; intent_seeds_2.jsonl: 756 more, in four "
         "registers, chosen on validation by docs/experiments/intent_seeds_2_protocol.md; "
         "intent_seeds_3.jsonl: 594 boundary cases, adopted by "
         "docs/experiments/seeds_boundary_protocol.md; "
-        "intent_set_2.jsonl / intent_set_3.jsonl / intent_set_4.jsonl: retired frozen sets, "
-        "~595 each, the first a default seed file since "
-        "docs/experiments/shift_calibration_protocol.md) or paths to JSON Lines files of "
-        "{prompt, axis}. The evaluation sets (intent_set.jsonl, intent_set_5.jsonl, "
-        "intent_set_6.jsonl, intent_set_7.jsonl, intent_set_8.jsonl, intent_set_9.jsonl, "
-        "intent_set_10.jsonl, intent_set_11.jsonl, intent_set_12.jsonl, intent_validation.jsonl) "
+        "intent_set_2.jsonl ... intent_set_8.jsonl: retired frozen sets, ~595 each, the second "
+        "a default seed file since docs/experiments/shift_calibration_protocol.md, the fifth to "
+        "eighth since docs/experiments/wise_2_protocol.md) or paths to JSON Lines files of "
+        "{prompt, axis}. The evaluation sets (intent_set.jsonl, intent_set_9.jsonl, "
+        "intent_set_10.jsonl, intent_set_11.jsonl, intent_set_12.jsonl, intent_set_13.jsonl, "
+        "intent_validation.jsonl) "
         "are refused: a router is never trained on them.",
     )
     calibration_sets: tuple[str, ...] = Field(
@@ -235,12 +242,14 @@ class RouterCfg(_Section):
         "data, seed and schedule, and serves weight * anchor + (1 - weight) * main; everything "
         "after the encoder uses router.seed_sets. null = one fine-tune. Needs a fine-tuned "
         "sentence encoder, intent targets and router.finetune_members=1. Costs a second "
-        "fine-tune.",
+        "fine-tune. Unset = {seed_sets: [" + ", ".join(DEFAULT_ANCHOR_SEED_SETS) + "], weight: "
+        f"{DEFAULT_ANCHOR_WEIGHT}}} (W38, adopted by docs/experiments/wise_2_protocol.md) where "
+        "those needs are met and router.seed_sets are not those same files, else null.",
     )
     evaluation_sets: tuple[str, ...] | None = Field(
         None, description="The hand-labelled evaluation sets the calibration job embeds and "
         "reports: shipped file names (intent_validation.jsonl, intent_set.jsonl, "
-        "intent_set_5.jsonl ... intent_set_12.jsonl) and/or paths to your own JSON Lines files "
+        "intent_set_9.jsonl ... intent_set_13.jsonl) and/or paths to your own JSON Lines files "
         "of {prompt, axis} (reported under the file's stem); unset = every shipped set; [] = the "
         "test split only. The router is the same whatever the list (these sets are never "
         "trained or calibrated on); each set costs an embedding pass, two with a fine-tuned "
@@ -266,7 +275,7 @@ class RouterCfg(_Section):
     finetune_batch_size: int = Field(32, ge=1, description="Texts per fine-tuning step.")
     finetune_seed_repeats: int = Field(
         3, ge=0, description="Times the hand-written intent seeds join the fine-tuning data "
-        "(3 x the 1,116 default seeds; it was 10 x 360 with the first seed set alone)."
+        "(3 x the 4,688 default seeds; it was 10 x 360 with the first seed set alone)."
     )
     finetune_evals_per_epoch: int = Field(
         8, ge=1, description="Evaluation points per epoch of the encoder fine-tune (the steps "
@@ -358,6 +367,30 @@ class RouterCfg(_Section):
     embed_actors: int = Field(1, ge=1, description="Ray Data actor pool size for embedding.")
     cpus_per_actor: float = Field(1.0, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_anchor(cls, data: Any) -> Any:
+        """Unset ``finetune_anchor``: the shipped anchor (W38) where a fine-tuned sentence
+        encoder on intent targets with one member can take it and ``seed_sets`` are not the
+        anchor's own, else null (so that, e.g., ``router.encoder=base`` needs no
+        ``finetune_anchor: null``, and a config saved before the anchor existed, with the
+        earlier default's seed files, still means one fine-tune)."""
+        if not isinstance(data, dict) or "finetune_anchor" in data:
+            return data
+        epochs, members = data.get("finetune_epochs"), data.get("finetune_members", 1)
+        try:
+            takes = (data.get("encoder", "sentence") == "sentence"
+                     and data.get("targets", "intent") == "intent"
+                     and (epochs is None or float(epochs) > 0) and int(members) == 1
+                     # the anchor's own seeds as the main ones: two equal fine-tunes
+                     and tuple(data.get("seed_sets", DEFAULT_SEED_SETS))
+                     != DEFAULT_ANCHOR_SEED_SETS)
+        except (TypeError, ValueError):
+            return data  # the fields' own validation names the bad value
+        anchor = ({"seed_sets": DEFAULT_ANCHOR_SEED_SETS, "weight": DEFAULT_ANCHOR_WEIGHT}
+                  if takes else None)
+        return {**data, "finetune_anchor": anchor}
+
     @field_validator("seed_sets", "calibration_sets")
     @classmethod
     def _labelled_sets(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
@@ -375,26 +408,34 @@ class RouterCfg(_Section):
     @field_validator("evaluation_sets")
     @classmethod
     def _evaluation_sets(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        from alignx.router.targets import EVALUATION_SETS, evaluation_set_key
+        from alignx.router.targets import (
+            EVALUATION_SETS,
+            RETIRED_EVALUATION_SETS,
+            evaluation_set_key,
+        )
 
         if v is None:
             return v
         known = [fname for fname, _ in EVALUATION_SETS.values()]
-        unknown = [name for name in v if name not in known and not Path(name).is_file()]
+        retired = [fname for fname, _ in RETIRED_EVALUATION_SETS.values()]
+        unknown = [name for name in v if name not in known + retired
+                   and not Path(name).is_file()]
         if unknown:
             what = (f"{unknown[0]!r} is neither a shipped evaluation set nor an existing file"
                     if len(unknown) == 1 else
                     f"{unknown} are neither shipped evaluation sets nor existing files")
             raise ValueError(f"{what}; choose among {', '.join(known)}, or give the path of "
                              "your own {prompt, axis} JSON Lines file (or leave it unset for "
-                             "every shipped set)")
+                             f"every shipped set; the retired {', '.join(retired)} only for a "
+                             "router not trained on them)")
         keys = [evaluation_set_key(name) for name in v]
         clash = sorted({k for k in keys if keys.count(k) > 1})
         if clash:
             raise ValueError(f"two sets would be reported as {clash}: {list(v)}; name each set "
                              "once and give your own files distinct names")
-        shadow = [name for name in v if name not in known
-                  and evaluation_set_key(name) in {"test_origin_labels", *EVALUATION_SETS}]
+        shadow = [name for name in v if name not in known + retired
+                  and evaluation_set_key(name) in {"test_origin_labels", *EVALUATION_SETS,
+                                                   *RETIRED_EVALUATION_SETS}]
         if shadow:
             raise ValueError(f"{shadow}: your file's name would be reported under a shipped "
                              "set's key; rename it")
@@ -404,16 +445,26 @@ class RouterCfg(_Section):
         """Whether the calibration job reports the shipped evaluation set ``fname``."""
         return self.evaluation_sets is None or fname in self.evaluation_sets
 
+    def shipped_evaluation_sets(self) -> dict[str, str]:
+        """The shipped sets the calibration job reports, report key -> file: the evaluation
+        sets (unset: all), and the retired ones only where named."""
+        from alignx.router.targets import EVALUATION_SETS, RETIRED_EVALUATION_SETS
+
+        out = {key: fname for key, (fname, _) in EVALUATION_SETS.items() if self.reports(fname)}
+        return out | {key: fname for key, (fname, _) in RETIRED_EVALUATION_SETS.items()
+                      if fname in (self.evaluation_sets or ())}
+
     def own_evaluation_sets(self) -> tuple[str, ...]:
         """The listed evaluation files that are not shipped ones (paths of the user's own)."""
-        from alignx.router.targets import EVALUATION_SETS
+        from alignx.router.targets import EVALUATION_SETS, RETIRED_EVALUATION_SETS
 
-        known = {fname for fname, _ in EVALUATION_SETS.values()}
+        known = {fname for fname, _ in (*EVALUATION_SETS.values(),
+                                        *RETIRED_EVALUATION_SETS.values())}
         return tuple(n for n in self.evaluation_sets or () if n not in known)
 
     @model_validator(mode="after")
     def _check(self) -> RouterCfg:
-        trained = sorted(set(self.own_evaluation_sets()) & {*self.seed_sets,
+        trained = sorted(set(self.evaluation_sets or ()) & {*self.seed_sets,
                                                              *self.calibration_sets})
         if trained:
             raise ValueError(f"router.evaluation_sets names {trained}, which router.seed_sets or "
@@ -447,8 +498,9 @@ class RouterCfg(_Section):
             if seen:
                 raise ValueError(f"router.finetune_anchor.seed_sets names {seen}, which "
                                  "router.calibration_sets uses: calibration prompts must be "
-                                 "unseen; drop them from one of the two")
-            trained = sorted(set(self.own_evaluation_sets()) & set(self.finetune_anchor.seed_sets))
+                                 "unseen; drop them from one of the two (or set "
+                                 "router.finetune_anchor: null)")
+            trained = sorted(set(self.evaluation_sets or ()) & set(self.finetune_anchor.seed_sets))
             if trained:
                 raise ValueError(f"router.evaluation_sets names {trained}, which "
                                  "router.finetune_anchor.seed_sets trains on: an evaluation set "
@@ -759,7 +811,8 @@ def _warn_if_older(tree: dict[str, Any], cfg: AlignXConfig, src: str) -> None:
         return  # a hand-written config: defaults are the point
     missing = _missing_keys(tree, cfg)
     if missing:
-        values = [f"{key}={json.dumps(v, default=str)}" for key, v in missing]
+        values = [f"{key}={json.dumps(v.model_dump(mode='json') if isinstance(v, BaseModel) else v, default=str)}"
+                  for key, v in missing]
         many = len(missing) > 1
         logging.getLogger(__name__).warning(
             "%s was written before %s existed; today's %s in (%s). If the run used something "

@@ -114,16 +114,16 @@ def tiny_run(ray_local, tmp_path_factory):
 
     Returns the resolved config; its ``run_dir`` holds the artifacts. Tests must not modify it.
     """
-    from alignx.config import load_config
+    from alignx.config import DEFAULT_ANCHOR_SEED_SETS, DEFAULT_ANCHOR_WEIGHT, load_config
     from alignx.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
-    # two fine-tunes averaged (router.finetune_anchor; the second on the first seed file
-    # alone) on this shared run only: the other tiny runs keep one fine-tune
-    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", [
-        f"data.data_dir={FIXTURES}",
-        "router.finetune_anchor={seed_sets: [intent_seeds.jsonl], weight: 0.5}"],
-        run_dir=str(run_dir))
+    # the default's two fine-tunes averaged (router.finetune_anchor, which tiny.yaml turns
+    # off) on this shared run only: the other tiny runs keep one fine-tune
+    anchor = (f"router.finetune_anchor={{seed_sets: [{', '.join(DEFAULT_ANCHOR_SEED_SETS)}], "
+              f"weight: {DEFAULT_ANCHOR_WEIGHT}}}")
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml",
+                      [f"data.data_dir={FIXTURES}", anchor], run_dir=str(run_dir))
     run_pipeline(cfg, evaluate=False)  # tests/eval/test_harness_serve.py evaluates it
     return cfg
 

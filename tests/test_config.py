@@ -55,9 +55,8 @@ def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
     own.write_text('{"prompt": "hi", "axis": "helpfulness"}\n')
     assert load_config(None, [f"router.seed_sets=[{own}]"]).router.seed_sets == (str(own),)
     # an evaluation set is never training data, whatever the path it is named by
-    for name in ("intent_validation.jsonl", "intent_set_5.jsonl", "intent_set_6.jsonl",
-                 "intent_set_7.jsonl", "intent_set_8.jsonl", "intent_set_9.jsonl",
-                 "intent_set_10.jsonl", "intent_set_11.jsonl", "intent_set_12.jsonl",
+    for name in ("intent_validation.jsonl", "intent_set_9.jsonl", "intent_set_10.jsonl",
+                 "intent_set_11.jsonl", "intent_set_12.jsonl", "intent_set_13.jsonl",
                  "some/dir/intent_set.jsonl"):
         for key in ("seed_sets", "calibration_sets"):
             with pytest.raises(AlignXConfigError, match=f"router.{key}.*is an evaluation set"):
@@ -78,10 +77,12 @@ def test_router_seed_sets_are_checked_at_the_edge(tmp_path):
                            "router.calibration_sets=[intent_set_2.jsonl]"])
     with pytest.raises(AlignXConfigError, match="router.calibration_sets.*named twice"):
         load_config(None, ["router.calibration_sets=[intent_set_3.jsonl,intent_set_3.jsonl]"])
-    # the defaults: the second set and the boundary seeds train, the third set calibrates; [] = validation split only
+    # the defaults: the boundary seeds and the second and fifth to eighth sets train, the
+    # third set calibrates; [] = validation split only
     d = load_config(None).router
     assert d.seed_sets == ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl",
-                           "intent_seeds_3.jsonl")
+                           "intent_seeds_3.jsonl", "intent_set_5.jsonl", "intent_set_6.jsonl",
+                           "intent_set_7.jsonl", "intent_set_8.jsonl")
     assert d.calibration_sets == ("intent_set_3.jsonl",)
     assert load_config(None, ["router.calibration_sets=[]"]).router.calibration_sets == ()
     with pytest.raises(AlignXConfigError, match="router.seed_sets.*empty"):
@@ -169,6 +170,14 @@ def test_a_run_config_older_than_a_key_says_which_default_filled_it(tmp_path, ca
     assert "before this key existed; today's default fills it in (router.pool_temperature" in (
         caplog.text)
     assert "mine.yaml" not in caplog.text
+    # a section-valued default is shown as the YAML / JSON a user would write
+    del tree["router"]["finetune_anchor"]
+    old.write_text(yaml.safe_dump(tree))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignx.config"):
+        load_config(old)
+    assert ('router.finetune_anchor={"seed_sets": ["intent_seeds.jsonl", "intent_seeds_2.jsonl", '
+            '"intent_set_2.jsonl", "intent_seeds_3.jsonl"], "weight": 0.625}') in caplog.text
 
 
 def test_router_evaluation_sets_are_checked_at_the_edge(tmp_path):
@@ -195,7 +204,7 @@ def test_router_evaluation_sets_are_checked_at_the_edge(tmp_path):
     own.write_text('{"prompt": "hi", "axis": "helpfulness"}\n')
     r = load_config(None, [f"router.evaluation_sets=[intent_set.jsonl,{own}]"]).router
     assert r.own_evaluation_sets() == (str(own),) and r.reports("intent_set.jsonl")
-    shadow = tmp_path / "intent_set_5.jsonl"  # not the shipped file, but its report key
+    shadow = tmp_path / "intent_set_9.jsonl"  # not the shipped file, but its report key
     shadow.write_text(own.read_text())
     with pytest.raises(AlignXConfigError, match="reported under a shipped set's key; rename"):
         load_config(None, [f"router.evaluation_sets=[{shadow}]"])
@@ -209,6 +218,34 @@ def test_router_evaluation_sets_are_checked_at_the_edge(tmp_path):
         load_config(None, [f"router.evaluation_sets=[{own}]", f"router.calibration_sets=[{own}]"])
     with pytest.raises(AlignXConfigError, match=r"reported as \['intent_set'\]"):
         load_config(None, ["router.evaluation_sets=[intent_set.jsonl,intent_set.jsonl]"])
+
+
+def test_retired_sets_are_evaluated_only_by_a_router_not_trained_on_them():
+    from alignx.router.targets import EVALUATION_SETS
+
+    # sets 5-8 are default seed files now: the default router cannot report them
+    with pytest.raises(AlignXConfigError, match=r"evaluation_sets names \['intent_set_5.jsonl'\], "
+                       "which router.seed_sets or router.calibration_sets also uses"):
+        load_config(None, ["router.evaluation_sets=[intent_set_5.jsonl]"])
+    # a router trained without them may (as every router before the switch did), and a
+    # config saved then, the earlier default seeds and no anchor key, still loads as it was
+    old = {"seed_sets": ["intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl",
+                         "intent_seeds_3.jsonl"],
+           "evaluation_sets": ["intent_set.jsonl", "intent_set_5.jsonl", "intent_set_8.jsonl"]}
+    r = AlignXConfig.model_validate({"router": old}).router
+    assert r.finetune_anchor is None  # the anchor's own seeds: no second, equal fine-tune
+    assert r.shipped_evaluation_sets() == {"intent_set": "intent_set.jsonl",
+                                           "intent_set_5": "intent_set_5.jsonl",
+                                           "intent_set_8": "intent_set_8.jsonl"}
+    assert r.own_evaluation_sets() == ()
+    # unset: every evaluation set, no retired one
+    d = load_config(None).router
+    assert d.shipped_evaluation_sets() == {k: f for k, (f, _) in EVALUATION_SETS.items()}
+    # nor may the anchor have trained on it
+    with pytest.raises(AlignXConfigError, match="finetune_anchor.seed_sets trains on"):
+        load_config(None, ["router.seed_sets=[intent_seeds.jsonl]",
+                           "router.finetune_anchor={seed_sets: [intent_set_6.jsonl], weight: 0.5}",
+                           "router.evaluation_sets=[intent_set_6.jsonl]"])
 
 
 def test_router_miss_cost_is_checked_at_the_edge_and_unset_keeps_the_hash():
@@ -227,11 +264,26 @@ def test_router_miss_cost_is_checked_at_the_edge_and_unset_keeps_the_hash():
                            "router.miss_cost={harmlessness: 2}"])
 
 
-def test_router_finetune_anchor_is_checked_at_the_edge():
+def test_router_finetune_anchor_default_and_edge_checks():
+    # the default (W38): the earlier default's four seed files at 0.625, where it applies
+    d = load_config(None).router.finetune_anchor
+    assert d.seed_sets == ("intent_seeds.jsonl", "intent_seeds_2.jsonl", "intent_set_2.jsonl",
+                           "intent_seeds_3.jsonl") and d.weight == 0.625
+    for no_anchor in ("router.encoder=base", "router.finetune_epochs=0", "router.targets=origin",
+                      "router.finetune_members=3", "router.finetune_anchor=null"):
+        assert load_config(None, [no_anchor]).router.finetune_anchor is None, no_anchor
+    # the resolved config (as saved with a run) reads back to the same anchor and hash
+    c = load_config(None)
+    again = AlignXConfig.model_validate(c.model_dump(mode="json"))
+    assert again.router.finetune_anchor == d
+    assert again.stage_hash("calibrate") == c.stage_hash("calibrate")
+    # an explicit anchor is kept and is part of the stage hash
     anchor = "router.finetune_anchor={seed_sets: [intent_seeds.jsonl], weight: 0.625}"
     c = load_config(None, [anchor])
-    assert c.router.finetune_anchor.weight == 0.625
+    assert c.router.finetune_anchor.seed_sets == ("intent_seeds.jsonl",)
     assert c.stage_hash("calibrate") != load_config(None, []).stage_hash("calibrate")
+    assert load_config(None, ["router.finetune_anchor=null"]).stage_hash("calibrate") != \
+        load_config(None, []).stage_hash("calibrate")
     for bad, match in [
         ("router.finetune_anchor={seed_sets: [intent_seeds.jsonl], weight: 1}", "less than 1"),
         ("router.finetune_anchor={seed_sets: [], weight: 0.5}", "at least one seed file"),
@@ -252,7 +304,8 @@ def test_router_finetune_anchor_is_checked_at_the_edge():
 
 def _hash_without_evaluation_sets(cfg):
     """``stage_hash('calibrate')`` as it was before ``router.evaluation_sets``,
-    ``router.miss_cost`` and ``router.finetune_anchor`` existed."""
+    ``router.miss_cost`` and ``router.finetune_anchor`` existed (an anchor, the default
+    since then, stays in the hash)."""
     import hashlib
     import json
 
@@ -262,6 +315,7 @@ def _hash_without_evaluation_sets(cfg):
     d["train"].pop("multitask", None)
     d["router"].pop("evaluation_sets")
     d["router"].pop("miss_cost")
-    d["router"].pop("finetune_anchor")
+    if d["router"]["finetune_anchor"] is None:  # before the key existed: no anchor
+        d["router"].pop("finetune_anchor")
     keep = {k: d.get(k) for k in _STAGE_SECTIONS["calibrate"]}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

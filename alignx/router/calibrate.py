@@ -565,7 +565,6 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     from alignx.router.finetune import interpolate_states
     from alignx.router.mocae import MoCaERouter, _prior_weights
     from alignx.router.targets import (
-        EVALUATION_SETS,
         build_intent_targets,
         choose_relabel_margin,
         evaluation_set_key,
@@ -590,8 +589,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
     if anchor is not None:
         (anchor_texts, anchor_y), _ = _labelled_files(
             tuple(anchor.seed_sets), tuple(cfg.router.calibration_sets), axes)
-    sets = {key: _shipped_set(fname, axes) for key, (fname, _) in EVALUATION_SETS.items()
-            if cfg.router.reports(fname)}
+    sets = {key: _shipped_set(fname, axes)
+            for key, fname in cfg.router.shipped_evaluation_sets().items()}
     own_sets = {evaluation_set_key(p): p for p in cfg.router.own_evaluation_sets()}
     for key, path in own_sets.items():
         sets[key] = _own_evaluation_set(path, axes, [*seed_texts, *anchor_texts, *cal_texts])
@@ -820,7 +819,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
                 "are reported once",
     }
     titles = {"test_origin_labels": "test split (origin labels)",
-              **{key: fname.removesuffix(".jsonl") for key, (fname, _) in EVALUATION_SETS.items()},
+              **{key: fname.removesuffix(".jsonl")
+                 for key, fname in cfg.router.shipped_evaluation_sets().items()},
               **{key: f"{Path(path).name} (yours)" for key, path in own_sets.items()}}
     reliability_png({titles[key]: ({"raw softmax": abl[key]["raw_softmax"],
                                     "MoCaE": abl[key]["mocae"]}, y)
@@ -875,10 +875,11 @@ def format_report(report: dict[str, Any]) -> str:
     cols = ["accuracy", "macro_f1", "nll", "ece", "brier", "selective_accuracy_90",
             "confident_errors_90"]
     out = []
-    from alignx.router.targets import EVALUATION_SETS
+    from alignx.router.targets import EVALUATION_SETS, RETIRED_EVALUATION_SETS
 
     titles = {"test_origin_labels": "test split, dataset-origin labels",
               **{key: title for key, (_, title) in EVALUATION_SETS.items()},
+              **{key: title for key, (_, title) in RETIRED_EVALUATION_SETS.items()},
               **{key: f"your evaluation set {path}"
                  for key, path in report.get("own_evaluation_sets", {}).items()}}
     for key, title in titles.items():

@@ -12,7 +12,7 @@ k-nearest-neighbour cosine graph of the prompts' features plus a small hand-labe
 (``router.seed_sets``: ``alignx/router/intent_seeds.jsonl``, ``intent_seeds_2.jsonl``, the
 second seed set written against style-driven routing, ``intent_seeds_3.jsonl``, boundary cases
 (false premises inside ordinary tasks, harmful asks phrased as chores, benign requests that look
-alarming), and optionally the retired frozen sets).
+alarming), and retired frozen sets: by default the second and the fifth to eighth).
 The origin label enters as a weak prior, the seeds as strong labels, and a prompt may only move
 along the allowed transitions (TruthfulQA questions stay honesty, by construction of that
 dataset). The evaluation sets
@@ -46,6 +46,7 @@ __all__ = [
     "prompt_key",
     "refuse_shared_prompt",
     "EVALUATION_SETS",
+    "RETIRED_EVALUATION_SETS",
     "evaluation_set_key",
     "SHIPPED_SEED_SETS",
 ]
@@ -55,11 +56,14 @@ logger = logging.getLogger(__name__)
 #: hand-labelled files shipped in this package for training or calibration
 #: (``router.seed_sets`` / ``router.calibration_sets`` pick among them): the three seed sets
 #: (the third: boundary cases, ``docs/experiments/seeds_boundary_protocol.md``), and
-#: the second, third and fourth frozen intent sets, retired from evaluation once scored
-#: (``docs/experiments/shift_calibration_protocol.md``, ``seeds_4_protocol.md``)
+#: the frozen intent sets 2 to 8, retired from evaluation once scored: 2 to 4 by
+#: ``docs/experiments/shift_calibration_protocol.md`` and ``seeds_4_protocol.md``, 5 to 8 when
+#: the default router began training on them (``docs/experiments/wise_2_protocol.md``)
 SHIPPED_SEED_SETS: tuple[str, ...] = ("intent_seeds.jsonl", "intent_seeds_2.jsonl",
                                       "intent_seeds_3.jsonl", "intent_set_2.jsonl",
-                                      "intent_set_3.jsonl", "intent_set_4.jsonl")
+                                      "intent_set_3.jsonl", "intent_set_4.jsonl",
+                                      "intent_set_5.jsonl", "intent_set_6.jsonl",
+                                      "intent_set_7.jsonl", "intent_set_8.jsonl")
 
 #: hand-labelled evaluation sets shipped in this package, never trained or calibrated on:
 #: report key -> (file, title). ``intent_validation`` is held-out validation data (20% of the
@@ -68,14 +72,6 @@ EVALUATION_SETS: dict[str, tuple[str, str]] = {
     "intent_validation": ("intent_validation.jsonl", "held-out intent validation prompts "
                           "(validation: for choices)"),
     "intent_set": ("intent_set.jsonl", "frozen intent set (hand-labelled)"),
-    "intent_set_5": ("intent_set_5.jsonl", "fifth frozen intent set (hand-labelled, blind "
-                     "double-labelled; writers and themes unseen by any router)"),
-    "intent_set_6": ("intent_set_6.jsonl", "sixth frozen intent set (hand-labelled, blind "
-                     "double-labelled; writers and themes unseen by any router)"),
-    "intent_set_7": ("intent_set_7.jsonl", "seventh frozen intent set (hand-labelled, blind "
-                     "double-labelled; writers and themes unseen by any router)"),
-    "intent_set_8": ("intent_set_8.jsonl", "eighth frozen intent set (hand-labelled, blind "
-                     "double-labelled; writers and themes unseen by any router)"),
     "intent_set_9": ("intent_set_9.jsonl", "ninth frozen intent set (hand-labelled, blind "
                      "double-labelled; writers and themes unseen by any router)"),
     "intent_set_10": ("intent_set_10.jsonl", "tenth frozen intent set (hand-labelled, blind "
@@ -84,14 +80,25 @@ EVALUATION_SETS: dict[str, tuple[str, str]] = {
                       "double-labelled; writers and themes unseen by any router)"),
     "intent_set_12": ("intent_set_12.jsonl", "twelfth frozen intent set (hand-labelled, blind "
                       "double-labelled; writers and themes unseen by any router)"),
+    "intent_set_13": ("intent_set_13.jsonl", "thirteenth frozen intent set (hand-labelled, blind "
+                      "double-labelled; writers and themes unseen by any router)"),
 }
 
+#: frozen intent sets retired from evaluation into default seed files (report key -> (file,
+#: title)): a router that was not trained on them may still report them when
+#: ``router.evaluation_sets`` names them, as every router calibrated before the switch did
+RETIRED_EVALUATION_SETS: dict[str, tuple[str, str]] = {
+    f"intent_set_{n}": (f"intent_set_{n}.jsonl", f"{nth} frozen intent set (hand-labelled, "
+                        "blind double-labelled; retired from evaluation: a default seed file "
+                        "since docs/experiments/wise_2_protocol.md)")
+    for n, nth in ((5, "fifth"), (6, "sixth"), (7, "seventh"), (8, "eighth"))}
 
 
 def evaluation_set_key(name: str) -> str:
     """The report key of an evaluation set (``router.evaluation_sets``): a shipped file's key in
-    :data:`EVALUATION_SETS`, else the stem of the user's own file."""
-    for key, (fname, _) in EVALUATION_SETS.items():
+    :data:`EVALUATION_SETS` or :data:`RETIRED_EVALUATION_SETS`, else the stem of the user's own
+    file."""
+    for key, (fname, _) in {**EVALUATION_SETS, **RETIRED_EVALUATION_SETS}.items():
         if name == fname:
             return key
     return Path(name).stem

@@ -16,6 +16,7 @@ import pytest
 
 from alignx.artifacts import ArtifactMismatchError, ArtifactNotFoundError, read_json
 from alignx.axes import AXES
+from alignx.config import DEFAULT_ANCHOR_SEED_SETS
 from alignx.router.calibrate import format_report
 from alignx.router.features import weights_digest
 from alignx.router.targets import EVALUATION_SETS, read_intent_prompts
@@ -61,7 +62,8 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     pt = manifest["pool_temperature"]
     assert len(pt["distance_ab"]) == 2 and pt["distance_mean_sd"][1] > 0
     ft = report["encoder_finetune"]
-    assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"] and ft["epochs"] == 0.25
+    assert ft["steps"] >= 1 and 1 <= ft["best_step"] <= ft["steps"]
+    assert ft["epochs"] == cfg.router.finetune_epochs == 0.125
     assert ft["members"] == cfg.router.finetune_members
     assert ("soup" in ft) == (cfg.router.finetune_members > 1)
     assert ft["curve"][0]["step"] == 0 and ft["curve"][-1]["step"] == ft["steps"]
@@ -73,11 +75,14 @@ def test_calibration_writes_router_report_plot_and_manifest(calibrated):
     # the calibration prompts' curve is recorded at every point (tiny.yaml names a set)
     assert all(0 <= p["calibration_balanced_acc"] <= 1 and p["calibration_nll"] > 0
                for p in ft["curve"])
-    # tiny.yaml's anchor: a second fine-tune on the first seed file alone, half the served
-    # encoder; its targets come from its own seeds, its schedule is the main one's
+    # the default anchor (the shared tiny run's): a second fine-tune on the earlier default's
+    # four seed files, 0.625 of the served encoder; its targets come from its own seeds, its
+    # schedule is the main one's
     an = ft["anchor"]
-    assert an["seed_sets"] == ["intent_seeds.jsonl"] and an["weight"] == 0.5
-    assert an["counts"]["intent_seeds"] == 360 < report["counts"]["intent_seeds"]
+    assert an["seed_sets"] == list(DEFAULT_ANCHOR_SEED_SETS) and an["weight"] == 0.625
+    assert an["counts"]["intent_seeds"] == sum(
+        len(read_intent_prompts(name=n)[0]) for n in DEFAULT_ANCHOR_SEED_SETS)
+    assert an["counts"]["intent_seeds"] < report["counts"]["intent_seeds"]
     assert 1 <= an["steps"] < ft["steps"] and an["curve"][-1]["step"] == an["steps"]
     assert len(an["averaged_steps"]) >= 2 and an["relabel"]["margin"] is not None
     assert report["counts"]["intent_set"] >= 150 and report["counts"]["ood"] >= 30
@@ -301,7 +306,7 @@ def test_calibrate_job_submits_to_a_ray_start_cluster(tiny_run, tmp_path):
         assert report["own_evaluation_sets"] == {"my_traffic": str(own)}
         assert set(manifest["metrics"]) == {"test_origin_labels", "intent_validation",
                                             "my_traffic", "ood_auroc"}
-        assert not {"intent_set", "intent_set_5"} & set(report["counts"])
+        assert not {"intent_set", "intent_set_9"} & set(report["counts"])
         assert report["counts"]["my_traffic"] == 4
         assert report["harmful_misrouted"]["my_traffic"]["n"] == 1
         assert f"your evaluation set {own}" in format_report(report)

@@ -210,6 +210,7 @@ def test_shipped_seed_and_intent_sets_are_valid_and_disjoint() -> None:
     assert len(sets["intent_set_10.jsonl"][0]) >= 500
     assert len(sets["intent_set_11.jsonl"][0]) >= 500
     assert len(sets["intent_set_12.jsonl"][0]) >= 500
+    assert len(sets["intent_set_13.jsonl"][0]) >= 500
     assert len(sets["intent_seeds_2.jsonl"][0]) >= 600
     assert len(sets["intent_seeds_3.jsonl"][0]) >= 550
     assert len(sets["intent_validation.jsonl"][0]) >= 150
@@ -229,7 +230,8 @@ def test_shipped_seed_and_intent_sets_are_valid_and_disjoint() -> None:
                                   "intent_set_5.jsonl", "intent_set_6.jsonl",
                                   "intent_set_7.jsonl", "intent_set_8.jsonl",
                                   "intent_set_9.jsonl", "intent_set_10.jsonl",
-                                  "intent_set_11.jsonl", "intent_set_12.jsonl"])
+                                  "intent_set_11.jsonl", "intent_set_12.jsonl",
+                                  "intent_set_13.jsonl"])
 def test_blind_labelled_intent_sets_keep_every_label_and_use_the_majority(name: str) -> None:
     from importlib import resources
 
