@@ -325,7 +325,7 @@ def reliability_png(panels: dict[str, tuple[dict[str, np.ndarray], np.ndarray]],
 def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
                  t_va: np.ndarray, seed_texts: list[str], seed_y: np.ndarray,
                  use_seeds: bool, monitor: dict[str, tuple[list[str], np.ndarray]] | None = None,
-                 embed: bool = True, **kwargs: Any) -> Any:
+                 embed: bool = True, wait: bool = True, **kwargs: Any) -> Any:
     """Fine-tune the sentence encoder in a Ray task (``router.finetune_cpus`` /
     ``finetune_gpus``) on the train texts' targets (+ the seeds), choosing the step on the
     validation texts (``router.finetune_evals_per_epoch`` points per epoch; ``monitor``: named
@@ -340,7 +340,8 @@ def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
     same data and fine-tune seeds ``cfg.seed + i``; the result is their soup (the uniform
     average of their weights, :func:`~alignx.router.finetune.soup`), ``blocks`` embedded with
     it in one more task. ``embed=False`` embeds nothing (``features`` empty): only the weights
-    are needed (``router.finetune_anchor``'s two fine-tunes)."""
+    are needed (``router.finetune_anchor``'s two fine-tunes). ``wait=False`` (one member only)
+    returns the task's ``ObjectRef`` at once, so that two fine-tunes can run side by side."""
     import ray
 
     from alignx.router.finetune import soup
@@ -365,8 +366,10 @@ def run_finetune(cfg: AlignXConfig, blocks: list[list[str]], t_tr: np.ndarray,
                 average_from=rc.finetune_average_from)
     args.update(kwargs)
     if m == 1:
-        return ray.get(task.remote(texts, y, list(blocks[1]), t_va, blocks if embed else [],
-                                   **args))
+        ref = task.remote(texts, y, list(blocks[1]), t_va, blocks if embed else [], **args)
+        return ray.get(ref) if wait else ref
+    if not wait:
+        raise ValueError("wait=False runs one fine-tune (router.finetune_members=1)")
     # the members embed nothing (blocks=[]): only their weights are needed
     texts_ref, y_ref, va_ref, t_va_ref = (ray.put(v) for v in (texts, y, list(blocks[1]), t_va))
     seeds = [cfg.seed + i for i in range(m)]
@@ -561,6 +564,8 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         ArtifactNotFoundError / ArtifactMismatchError: see :func:`check_inputs`.
         ValueError: an empty or one-axis calibration set.
     """
+    import ray
+
     from alignx.modeling import base_model_id
     from alignx.router.finetune import interpolate_states
     from alignx.router.mocae import MoCaERouter, _prior_weights
@@ -679,13 +684,16 @@ def calibrate_router(cfg: AlignXConfig) -> dict[str, Any]:
         # treats writers it does not learn from
         monitor = {"calibration": (cal_texts, cal_y)} if cal_texts else None
         ft = run_finetune(cfg, blocks, t_tr, t_va, seed_texts, seed_y, use_seeds,
-                          monitor=monitor, hidden_layer=hidden_layer, embed=anchor is None)
+                          monitor=monitor, hidden_layer=hidden_layer, embed=anchor is None,
+                          wait=anchor is None)
         anchor_report = None
         if anchor is not None:
-            # the anchor: the same fine-tune on its own seeds' targets; served = the average
+            # the anchor: the same fine-tune on its own seeds' targets, side by side with the
+            # main one where the cluster has the CPUs; served = the average
             a_tr, a_va, a_relabel = intent_targets(feats["anchor_seeds"], anchor_y)
-            ft_anchor = run_finetune(cfg, blocks, a_tr, a_va, anchor_texts, anchor_y, use_seeds,
-                                     monitor=monitor, hidden_layer=hidden_layer, embed=False)
+            ft, ft_anchor = ray.get([ft, run_finetune(
+                cfg, blocks, a_tr, a_va, anchor_texts, anchor_y, use_seeds, monitor=monitor,
+                hidden_layer=hidden_layer, embed=False, wait=False)])
             ft.state = interpolate_states(ft_anchor.state, ft.state, 1 - anchor.weight)
             ft.features = embed_blocks(cfg, ft.state, blocks, hidden_layer)
             anchor_report = {"seed_sets": list(anchor.seed_sets), "weight": anchor.weight,

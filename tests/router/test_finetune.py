@@ -271,6 +271,17 @@ def test_a_soup_is_the_average_of_its_members_fine_tuned_in_parallel_ray_tasks(r
                        use_seeds=False)
     assert one.members == [] and "soup" not in one.summary()
     np.testing.assert_allclose(one.state[q], alone[0].state[q], rtol=1e-5, atol=1e-6)
+    # wait=False (the anchor's two fine-tunes side by side): the task's ref, the same result
+    import ray
+
+    ref = run_finetune(load_config(None, small), blocks, Y, Y, [], np.zeros(0, np.int64),
+                       use_seeds=False, embed=False, wait=False)
+    assert isinstance(ref, ray.ObjectRef)
+    later = ray.get(ref)
+    assert later.features == []
+    np.testing.assert_allclose(later.state[q], one.state[q], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one fine-tune"):
+        run_finetune(cfg, blocks, Y, Y, [], np.zeros(0, np.int64), use_seeds=False, wait=False)
 
 
 def test_soup_refuses_mismatched_members_and_embed_with_state_adds_the_hidden_layer(tuned):
