@@ -114,13 +114,14 @@ def tiny_run(ray_local, tmp_path_factory):
 
     Returns the resolved config; its ``run_dir`` holds the artifacts. Tests must not modify it.
     """
-    from alignx.config import DEFAULT_ANCHOR_SEED_SETS, DEFAULT_ANCHOR_WEIGHT, load_config
+    from alignx.config import DEFAULT_ANCHOR_WEIGHT, load_config
     from alignx.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
-    # the default's two fine-tunes averaged (router.finetune_anchor, which tiny.yaml turns
-    # off) on this shared run only: the other tiny runs keep one fine-tune
-    anchor = (f"router.finetune_anchor={{seed_sets: [{', '.join(DEFAULT_ANCHOR_SEED_SETS)}], "
+    # two fine-tunes averaged, as the default does (router.finetune_anchor, which tiny.yaml
+    # turns off), on this shared run only: the anchor on the first of tiny.yaml's seed files,
+    # at the default's weight; the other tiny runs keep one fine-tune
+    anchor = ("router.finetune_anchor={seed_sets: [intent_seeds.jsonl], "
               f"weight: {DEFAULT_ANCHOR_WEIGHT}}}")
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml",
                       [f"data.data_dir={FIXTURES}", anchor], run_dir=str(run_dir))
