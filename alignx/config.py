@@ -410,6 +410,7 @@ class RouterCfg(_Section):
     def _evaluation_sets(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
         from alignx.router.targets import (
             EVALUATION_SETS,
+            REPORTABLE_SETS,
             RETIRED_EVALUATION_SETS,
             evaluation_set_key,
         )
@@ -434,8 +435,7 @@ class RouterCfg(_Section):
             raise ValueError(f"two sets would be reported as {clash}: {list(v)}; name each set "
                              "once and give your own files distinct names")
         shadow = [name for name in v if name not in known + retired
-                  and evaluation_set_key(name) in {"test_origin_labels", *EVALUATION_SETS,
-                                                   *RETIRED_EVALUATION_SETS}]
+                  and evaluation_set_key(name) in {"test_origin_labels", *REPORTABLE_SETS}]
         if shadow:
             raise ValueError(f"{shadow}: your file's name would be reported under a shipped "
                              "set's key; rename it")
@@ -456,10 +456,9 @@ class RouterCfg(_Section):
 
     def own_evaluation_sets(self) -> tuple[str, ...]:
         """The listed evaluation files that are not shipped ones (paths of the user's own)."""
-        from alignx.router.targets import EVALUATION_SETS, RETIRED_EVALUATION_SETS
+        from alignx.router.targets import REPORTABLE_SETS
 
-        known = {fname for fname, _ in (*EVALUATION_SETS.values(),
-                                        *RETIRED_EVALUATION_SETS.values())}
+        known = {fname for fname, _ in REPORTABLE_SETS.values()}
         return tuple(n for n in self.evaluation_sets or () if n not in known)
 
     @model_validator(mode="after")

@@ -883,11 +883,10 @@ def format_report(report: dict[str, Any]) -> str:
     cols = ["accuracy", "macro_f1", "nll", "ece", "brier", "selective_accuracy_90",
             "confident_errors_90"]
     out = []
-    from alignx.router.targets import EVALUATION_SETS, RETIRED_EVALUATION_SETS
+    from alignx.router.targets import REPORTABLE_SETS
 
     titles = {"test_origin_labels": "test split, dataset-origin labels",
-              **{key: title for key, (_, title) in EVALUATION_SETS.items()},
-              **{key: title for key, (_, title) in RETIRED_EVALUATION_SETS.items()},
+              **{key: title for key, (_, title) in REPORTABLE_SETS.items()},
               **{key: f"your evaluation set {path}"
                  for key, path in report.get("own_evaluation_sets", {}).items()}}
     for key, title in titles.items():

@@ -47,6 +47,7 @@ __all__ = [
     "refuse_shared_prompt",
     "EVALUATION_SETS",
     "RETIRED_EVALUATION_SETS",
+    "REPORTABLE_SETS",
     "evaluation_set_key",
     "SHIPPED_SEED_SETS",
 ]
@@ -93,12 +94,15 @@ RETIRED_EVALUATION_SETS: dict[str, tuple[str, str]] = {
                         "since docs/experiments/wise_2_protocol.md)")
     for n, nth in ((5, "fifth"), (6, "sixth"), (7, "seventh"), (8, "eighth"))}
 
+#: every shipped set a calibration report may hold: report key -> (file, title)
+REPORTABLE_SETS: dict[str, tuple[str, str]] = {**EVALUATION_SETS, **RETIRED_EVALUATION_SETS}
+
 
 def evaluation_set_key(name: str) -> str:
     """The report key of an evaluation set (``router.evaluation_sets``): a shipped file's key in
     :data:`EVALUATION_SETS` or :data:`RETIRED_EVALUATION_SETS`, else the stem of the user's own
     file."""
-    for key, (fname, _) in {**EVALUATION_SETS, **RETIRED_EVALUATION_SETS}.items():
+    for key, (fname, _) in REPORTABLE_SETS.items():
         if name == fname:
             return key
     return Path(name).stem
