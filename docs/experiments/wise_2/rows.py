@@ -7,6 +7,7 @@ and on the sets, by the calibration job's own
 :func:`alignx.router.calibrate.reliability_png`.
 
     python docs/experiments/wise_2/rows.py --sets intent_set_12 RUN...
+    python docs/experiments/wise_2/rows.py --sets intent_set_12,intent_set_13 --pool --floor RUN...
     ALIGNX_DATA_DIR=../shared/data python docs/experiments/wise_2/rows.py RUN \\
         --sets intent_validation,intent_set,intent_set_9,intent_set_10,intent_set_11,intent_set_12 \\
         --png docs/images/router_reliability_seed0.png
@@ -20,7 +21,7 @@ import numpy as np
 
 from alignx.config import load_config
 from alignx.router.calibrate import gather_prompts, reliability_png
-from alignx.router.metrics import ece
+from alignx.router.metrics import ece, ece_if_calibrated
 from alignx.router.targets import read_intent_prompts
 
 D = Path(__file__).resolve().parent.parent
@@ -45,6 +46,10 @@ if __name__ == "__main__":
     ap.add_argument("--sets", required=True, help="comma-separated set names, without .jsonl")
     ap.add_argument("--rows", default="raw_softmax,mocae", help="ablation rows to print")
     ap.add_argument("--png", help="draw the first router's reliability figure here")
+    ap.add_argument("--floor", action="store_true", help="also the MoCaE row's ECE if it were "
+                    "perfectly calibrated (metrics.ece_if_calibrated, as in the report)")
+    ap.add_argument("--pool", action="store_true", help="also every row on the sets pooled "
+                    "(key: the set names joined by '+')")
     ap.add_argument("--title", default="shipped router (W38), seed 0")
     a = ap.parse_args()
     for i, run in enumerate(a.runs):
@@ -52,13 +57,20 @@ if __name__ == "__main__":
         out = {"run": run}
         panels = {"test split (origin labels)": test_panel(run, cr, features)} \
             if a.png and i == 0 else {}
+        seed = load_config(Path(run) / "router" / "config.yaml").seed  # the report's draws
+        data = {}
         for name in a.sets.split(","):
             texts, axes = read_intent_prompts(name=f"{name}.jsonl")
-            y = np.array([cr.axes.index(ax) for ax in axes])
-            h = features(texts)
+            data[name] = (features(texts), np.array([cr.axes.index(ax) for ax in axes]))
+        if a.pool:
+            data["+".join(data)] = tuple(np.concatenate(part) for part in zip(*data.values()))
+        for name, (h, y) in data.items():
             rows = cr.router.evaluate(h, y)
             out[name] = {r: {m: round(rows[r][m], 4) for m in ("accuracy", "ece")}
                          for r in a.rows.split(",")}
+            if a.floor:
+                floor = ece_if_calibrated(cr.router.ablation_probs(h)["mocae"], seed=seed)
+                out[name]["mocae_ece_if_calibrated"] = {k: round(v, 4) for k, v in floor.items()}
             if panels:
                 p = cr.router.ablation_probs(h)
                 panels[name] = ({"raw softmax": p["raw_softmax"], "MoCaE": p["mocae"]}, y)
