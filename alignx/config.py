@@ -160,6 +160,20 @@ DEFAULT_SEED_SETS: tuple[str, ...] = (*DEFAULT_ANCHOR_SEED_SETS, "intent_set_5.j
 DEFAULT_ANCHOR_WEIGHT = 0.625  # W38: served = 0.625 * anchor + 0.375 * main
 
 
+def anchor_refusal(encoder: str, targets: str, epochs: float, members: int) -> str | None:
+    """Why ``router.finetune_anchor`` cannot apply to a router with these settings (``epochs``
+    resolved: 0 = frozen encoder), or None where it can. One rule for both the default (no
+    anchor where it cannot apply) and the refusal of an explicit one."""
+    if encoder != "sentence" or targets != "intent" or epochs <= 0:
+        return ("router.finetune_anchor averages two fine-tunes of the sentence encoder on "
+                "intent targets: it needs router.encoder=sentence, router.targets=intent and "
+                "router.finetune_epochs > 0 (or set finetune_anchor: null)")
+    if members != 1:
+        return ("router.finetune_anchor and router.finetune_members > 1 (a soup) cannot be "
+                "combined; use one of them")
+    return None
+
+
 def check_labelled_files(v: tuple[str, ...], required: bool) -> tuple[str, ...]:
     """Seed or calibration files: shipped hand-labelled names or existing paths, never an
     evaluation set, none named twice (``required``: at least one).
@@ -377,11 +391,12 @@ class RouterCfg(_Section):
         earlier default's seed files, still means one fine-tune)."""
         if not isinstance(data, dict) or "finetune_anchor" in data:
             return data
-        epochs, members = data.get("finetune_epochs"), data.get("finetune_members", 1)
+        encoder, epochs = data.get("encoder", "sentence"), data.get("finetune_epochs")
         try:
-            takes = (data.get("encoder", "sentence") == "sentence"
-                     and data.get("targets", "intent") == "intent"
-                     and (epochs is None or float(epochs) > 0) and int(members) == 1
+            epochs = float(epochs) if epochs is not None else (
+                DEFAULT_FINETUNE_EPOCHS if encoder == "sentence" else 0.0)
+            takes = (anchor_refusal(encoder, data.get("targets", "intent"), epochs,
+                                    int(data.get("finetune_members", 1))) is None
                      # the anchor's own seeds as the main ones: two equal fine-tunes
                      and tuple(data.get("seed_sets", DEFAULT_SEED_SETS))
                      != DEFAULT_ANCHOR_SEED_SETS)
@@ -484,15 +499,10 @@ class RouterCfg(_Section):
             raise ValueError("router.finetune_epochs > 0 needs router.encoder=sentence (the base "
                              "model's features are never fine-tuned); set router.finetune_epochs=0")
         if self.finetune_anchor is not None:
-            if self.encoder != "sentence" or self.epochs_to_finetune <= 0 or \
-                    self.targets != "intent":
-                raise ValueError("router.finetune_anchor averages two fine-tunes of the "
-                                 "sentence encoder on intent targets: it needs "
-                                 "router.encoder=sentence, router.targets=intent and "
-                                 "router.finetune_epochs > 0 (or set finetune_anchor: null)")
-            if self.finetune_members != 1:
-                raise ValueError("router.finetune_anchor and router.finetune_members > 1 (a "
-                                 "soup) cannot be combined; use one of them")
+            refusal = anchor_refusal(self.encoder, self.targets, self.epochs_to_finetune,
+                                     self.finetune_members)
+            if refusal:
+                raise ValueError(refusal)
             seen = sorted(set(self.finetune_anchor.seed_sets) & set(self.calibration_sets))
             if seen:
                 raise ValueError(f"router.finetune_anchor.seed_sets names {seen}, which "
