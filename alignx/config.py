@@ -160,6 +160,14 @@ DEFAULT_SEED_SETS: tuple[str, ...] = (*DEFAULT_ANCHOR_SEED_SETS, "intent_set_5.j
 DEFAULT_ANCHOR_WEIGHT = 0.625  # W38: served = 0.625 * anchor + 0.375 * main
 
 
+def finetune_epochs_for(encoder: str, epochs: float | None) -> float:
+    """``router.finetune_epochs`` with its default resolved (0 = frozen encoder): the sentence
+    encoder fine-tunes for DEFAULT_FINETUNE_EPOCHS, the base model's features never."""
+    if epochs is not None:
+        return float(epochs)
+    return DEFAULT_FINETUNE_EPOCHS if encoder == "sentence" else 0.0
+
+
 def anchor_refusal(encoder: str, targets: str, epochs: float, members: int) -> str | None:
     """Why ``router.finetune_anchor`` cannot apply to a router with these settings (``epochs``
     resolved: 0 = frozen encoder), or None where it can. One rule for both the default (no
@@ -391,10 +399,9 @@ class RouterCfg(_Section):
         earlier default's seed files, still means one fine-tune)."""
         if not isinstance(data, dict) or "finetune_anchor" in data:
             return data
-        encoder, epochs = data.get("encoder", "sentence"), data.get("finetune_epochs")
+        encoder = data.get("encoder", "sentence")
         try:
-            epochs = float(epochs) if epochs is not None else (
-                DEFAULT_FINETUNE_EPOCHS if encoder == "sentence" else 0.0)
+            epochs = finetune_epochs_for(encoder, data.get("finetune_epochs"))
             takes = (anchor_refusal(encoder, data.get("targets", "intent"), epochs,
                                     int(data.get("finetune_members", 1))) is None
                      # the anchor's own seeds as the main ones: two equal fine-tunes
@@ -519,9 +526,7 @@ class RouterCfg(_Section):
     @property
     def epochs_to_finetune(self) -> float:
         """``finetune_epochs`` with its default resolved (0 = frozen encoder)."""
-        if self.finetune_epochs is not None:
-            return float(self.finetune_epochs)
-        return DEFAULT_FINETUNE_EPOCHS if self.encoder == "sentence" else 0.0
+        return finetune_epochs_for(self.encoder, self.finetune_epochs)
 
     def seed_weight_for(self, finetuned: bool) -> float:
         """``seed_weight`` with its default resolved for a frozen or fine-tuned encoder."""

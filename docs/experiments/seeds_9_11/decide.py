@@ -13,6 +13,10 @@ RULE = [("intent_set_12", "accuracy", ">=", 0.010), ("intent_set_12", "ece", "<=
         ("test", "accuracy", ">=", -0.005), ("intent_validation", "accuracy", ">=", -0.010)]
 
 
+def mean(rows: list[dict], key: str, metric: str) -> float:
+    return sum(r[key][metric] for r in rows) / len(rows)
+
+
 def decide(rows: list[dict]) -> bool:
     """Print each condition and return whether Y (the last two rows) is adopted."""
     if len(rows) != 4:
@@ -20,11 +24,11 @@ def decide(rows: list[dict]) -> bool:
     base, cand = rows[:2], rows[2:]
     ok = True
     for i, (key, metric, op, bound) in enumerate(RULE, 1):
-        mean = lambda rs: sum(r[key][metric] for r in rs) / len(rs)  # noqa: E731
-        d = round(mean(cand) - mean(base), 6)  # the readout rounds to 4 places; no float edge
+        b, c = mean(base, key, metric), mean(cand, key, metric)
+        d = round(c - b, 6)  # the readout rounds to 4 places; no float edge
         holds = d >= bound if op == ">=" else d <= bound
         ok &= holds
-        print(f"{i}. {key} {metric}: W38 {mean(base):.4f}, Y {mean(cand):.4f}, "
+        print(f"{i}. {key} {metric}: W38 {b:.4f}, Y {c:.4f}, "
               f"difference {d:+.4f} (needs {op} {bound:+.3f}): {'holds' if holds else 'FAILS'}")
     print("Y is adopted" if ok else "Y is not adopted; W38 stays")
     return ok

@@ -63,16 +63,18 @@ if __name__ == "__main__":
             texts, axes = read_intent_prompts(name=f"{name}.jsonl")
             data[name] = (features(texts), np.array([cr.axes.index(ax) for ax in axes]))
         if a.pool:
-            data["+".join(data)] = tuple(np.concatenate(part) for part in zip(*data.values()))
+            parts = list(data.values())
+            data["+".join(data)] = (np.concatenate([h for h, _ in parts]),
+                                    np.concatenate([y for _, y in parts]))
         for name, (h, y) in data.items():
             rows = cr.router.evaluate(h, y)
             out[name] = {r: {m: round(rows[r][m], 4) for m in ("accuracy", "ece")}
                          for r in a.rows.split(",")}
+            p = cr.router.ablation_probs(h) if a.floor or panels else None
             if a.floor:
-                floor = ece_if_calibrated(cr.router.ablation_probs(h)["mocae"], seed=seed)
+                floor = ece_if_calibrated(p["mocae"], seed=seed)
                 out[name]["mocae_ece_if_calibrated"] = {k: round(v, 4) for k, v in floor.items()}
             if panels:
-                p = cr.router.ablation_probs(h)
                 panels[name] = ({"raw softmax": p["raw_softmax"], "MoCaE": p["mocae"]}, y)
         print(json.dumps(out), flush=True)
         if panels:
